@@ -1,0 +1,628 @@
+"""The shared substrate of the method files: patches, positions, ViT layers, and method-agnostic training plumbing.
+
+Nothing here is the idea of a paper: masking, losses, targets and the training loop live in each method file.
+Copy this file together with one method file and it runs.
+"""
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+# --------------------------------------------------------------------------- patches and positions
+
+
+def patchify(imgs, p, t=1):
+    """(B, C, H, W) -> (B, N, p*p*C), or (B, C, T, H, W) -> (B, N, t*p*p*C) with tubelets of t frames.
+
+    Patches in row-major order (time-major for video), pixels inside a patch row, column, then channel last,
+    as the MAE/VideoMAE references flatten them."""
+    if imgs.dim() == 4:
+        B, C, H, W = imgs.shape
+        x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)  # (B, N, p*p*C)
+    B, C, T, H, W = imgs.shape
+    x = imgs.reshape(B, C, T // t, t, H // p, p, W // p, p)  # (B, C, T/t, t, h, p, w, p)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T/t, h, w, t, p, p, C)
+    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)  # (B, N, t*p*p*C)
+
+
+def unpatchify(x, p, h, w, C=3, t=1, T=None):
+    """Inverse of `patchify`; h, w are the patch-grid sizes; T (frames) selects the video layout."""
+    B = x.shape[0]
+    if T is None:
+        x = x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, C, h * p, w * p)  # (B, C, H, W)
+    x = x.reshape(B, T // t, h, w, t, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T/t, t, h, p, w, p)
+    return x.reshape(B, C, T, h * p, w * p)  # (B, C, T, H, W)
+
+
+def sincos_1d(dim, pos):
+    """Fixed 1-D sin-cos code: (len(pos), dim), all sines then all cosines (MAE's get_1d_sincos_pos_embed_from_grid)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))  # (dim/2,)
+    out = pos.reshape(-1).double()[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([out.sin(), out.cos()], dim=1).float()  # (M, dim)
+
+
+def sincos_2d(dim, gh, gw, cls_token=False):
+    """Fixed 2-D sin-cos table for a gh x gw grid in row-major token order: (gh*gw [+1], dim).
+
+    As in the MAE reference, the first dim/2 channels encode the column (x) index and the last dim/2 the row (y)
+    index; the optional cls row is all zeros. Built with explicit 'ij' indexing so non-square grids are right."""
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')  # (gh, gw) each
+    emb = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)  # (gh*gw, dim)
+    return torch.cat([torch.zeros(1, dim), emb]) if cls_token else emb
+
+
+def pair(x):
+    return tuple(x) * (2 // len(x)) if isinstance(x, (tuple, list)) else (x, x)
+
+
+# --------------------------------------------------------------------------- ViT layers (timm's names)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided conv; `tubelet` > 0 makes it a Conv3d over (t, p, p) video cubes."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, tubelet=0):
+        super().__init__()
+        H, W = pair(img_size)
+        if H % patch_size or W % patch_size:
+            raise ValueError(f'input size {H}x{W} is not divisible by the patch size {patch_size}')
+        self.patch_size, self.grid_size = patch_size, (H // patch_size, W // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if tubelet:
+            self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet, patch_size, patch_size), (tubelet, patch_size, patch_size))
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major (t, h, w) order
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA. `qv_bias`: no fused qkv bias but learned q_bias/v_bias and a zero
+    k bias (BEiT, SimMIM-ViT, VideoMAE). `bias` in forward is an additive (B|1, heads|1, N, N) attention bias."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qv_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias and not qv_bias)
+        if qv_bias:
+            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None):
+        B, N, D = x.shape
+        b = self.qkv.bias
+        if self.q_bias is not None:
+            b = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # (3D,)
+        qkv = F.linear(x, self.qkv.weight, b).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth per sample: drop the residual branch with probability p, rescale the kept ones."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)  # (B, 1, 1)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `init_values` > 0 adds BEiT's layer scale (`gamma_1`, `gamma_2`)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qv_bias=False, init_values=0.0,
+                 drop_path=0.0, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+        if init_values > 0:
+            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x, bias=None):
+        a = self.attn(self.norm1(x), bias)
+        x = x + drop_path(a if self.gamma_1 is None else self.gamma_1 * a, self.drop_path, self.training)
+        m = self.mlp(self.norm2(x))
+        return x + drop_path(m if self.gamma_2 is None else self.gamma_2 * m, self.drop_path, self.training)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias for a (gh, gw) grid plus a leading cls token: a zero-initialised table of
+    (2gh-1)(2gw-1)+3 rows (the 3 extra: cls->token, token->cls, cls->cls), returned as (1, heads, N+1, N+1)."""
+
+    def __init__(self, grid, num_heads):
+        super().__init__()
+        gh, gw = grid
+        n_rel = (2 * gh - 1) * (2 * gw - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel + 3, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')).flatten(1)  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+        inner = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)  # (N, N)
+        index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+        index[1:, 1:] = inner
+        index[0, 0:], index[0:, 0], index[0, 0] = n_rel, n_rel + 1, n_rel + 2
+        self.register_buffer('relative_position_index', index, persistent=True)
+
+    def forward(self):
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]  # (n*n, heads)
+        return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N+1, N+1)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(Args, argv=None, demo=None):
+    """Every field of the dataclass `Args` becomes a flag (`--name`; bools get `--no-name`; tuples take several
+    values); the comment after a field is its help. `--demo` fills the fields of `demo` that were not given."""
+    import argparse
+    hints, src = typing.get_type_hints(Args), inspect.getsource(Args)
+    helps = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.*)$', src, re.M))
+    parser = argparse.ArgumentParser(description=(sys.modules[Args.__module__].__doc__ or '').split('\n')[0],
+                                     argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        t, default, h = hints[f.name], f.default, helps.get(f.name, '')
+        h = f'{h} (default: {default})'
+        if t is bool:
+            parser.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
+        elif isinstance(default, tuple):
+            parser.add_argument(f'--{f.name}', nargs='+', type=type(default[0]), help=h)
+        else:
+            inner = [a for a in typing.get_args(t) if a is not type(None)]
+            parser.add_argument(f'--{f.name}', type=inner[0] if inner else t, help=h)
+    given = vars(parser.parse_args(argv))
+    if given.get('demo') and demo:
+        given = {**demo, **given}
+    args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    if hasattr(args, 'data') and not args.data:
+        parser.error('no data: give --data PATH (an image folder, or "synthetic"), or --demo for a quick CPU run')
+    return args
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def init_distributed():
+    """torchrun (single or multi-node) sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python x.py` is one process."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
+    device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None)
+    return SimpleNamespace(rank=rank, local_rank=local, world=world, device=device, main=rank == 0)
+
+
+def all_reduce_mean(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+        t = t / world
+    return t
+
+
+def amp_setup(amp, device):
+    """bf16 autocast by default on CUDA, fp16 with a GradScaler on request, fp32 on the CPU."""
+    if device.type != 'cuda' or amp == 'none':
+        return nullcontext(), torch.amp.GradScaler(enabled=False)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+    return torch.autocast('cuda', dtype=dtype), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (schedulers' preemption notice) set a flag; the loop saves and exits at the next check."""
+
+    def __init__(self):
+        self.flag = False
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._set)
+
+    def _set(self, *_):
+        self.flag = True
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _decode_rgb(path, in_chans, crop_for_draft):
+    """Open an image, decode JPEGs at reduced size when the crop allows it, return it in RGB (or L) plus the
+    factor by which it was reduced. 16-bit, palette-with-transparency and CMYK inputs are converted explicitly."""
+    img = Image.open(path)
+    W0, H0 = img.size
+    if img.format == 'JPEG' and crop_for_draft is not None:
+        (_, _, h, w), (out_h, out_w) = crop_for_draft(W0, H0)
+        img.draft('RGB' if in_chans == 3 else 'L', (math.ceil(W0 * out_w / w), math.ceil(H0 * out_h / h)))
+    img.load()
+    if img.mode.startswith('I') or img.mode == 'F':  # 16/32-bit grey: scale to 8 bits
+        a = np.asarray(img, dtype=np.float64)
+        a = a / 257.0 if img.mode.startswith('I;16') or a.max() > 255 else a
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), 'L')
+    elif img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    mode = 'RGB' if in_chans == 3 else 'L'
+    return (img if img.mode == mode else img.convert(mode)), img.size[0] / W0
+
+
+def random_resized_crop_params(W, H, scale, ratio, rng):
+    """torchvision's RandomResizedCrop.get_params: 10 tries at a random area and log-uniform aspect ratio, then
+    a centre crop clamped to the ratio range. Returns (top, left, height, width)."""
+    area, log_r = H * W, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_r))
+        w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < w <= W and 0 < h <= H:
+            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        w, h = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = H, int(round(H * max(ratio)))
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images under `root` (its `train/` if present), found recursively, class subfolders optional.
+
+    Items are (uint8 (C, H, W) tensor, label, n_skipped): RandomResizedCrop + optional flip, with the randomness a
+    pure function of (seed, epoch, index) so a resumed run sees the same crops. An unreadable file is skipped (the
+    next file is used instead) and counted in n_skipped; normalisation happens on the device."""
+
+    def __init__(self, root, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic', flip=True,
+                 in_chans=3, seed=0):
+        root = Path(root)
+        if not root.is_dir():
+            raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
+        root = root / 'train' if (root / 'train').is_dir() else root
+        self.files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise SystemExit(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
+        classes = sorted({p.relative_to(root).parts[0] for p in self.files if len(p.relative_to(root).parts) > 1})
+        cls_idx = {c: i for i, c in enumerate(classes)}
+        self.labels = [cls_idx.get(p.relative_to(root).parts[0], 0) for p in self.files]
+        self.size, self.scale, self.ratio, self.flip = pair(size), scale, ratio, flip
+        self.resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'lanczos': Image.LANCZOS}[interpolation]
+        self.in_chans, self.seed = in_chans, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, idx, rng):
+        crop = []
+
+        def crop_for_draft(W, H):
+            crop.append(random_resized_crop_params(W, H, self.scale, self.ratio, rng))
+            return crop[0], self.size
+
+        img, f = _decode_rgb(self.files[idx], self.in_chans, crop_for_draft)
+        top, left, h, w = crop[0] if crop else random_resized_crop_params(*img.size, self.scale, self.ratio, rng)
+        if not crop:
+            f = 1.0
+        box = (left * f, top * f, (left + w) * f, (top + h) * f)
+        img = img.resize(self.size[::-1], self.resample, box=box)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).reshape(*self.size, self.in_chans)
+        x = x.permute(2, 0, 1)  # (C, H, W)
+        return x.flip(-1) if self.flip and rng.random() < 0.5 else x
+
+    def __getitem__(self, key):
+        epoch, idx = key if isinstance(key, tuple) else (0, key)
+        for skipped in range(len(self.files)):
+            i = (idx + skipped) % len(self.files)
+            try:
+                return self.load(i, random.Random(f'{self.seed}-{epoch}-{i}')), self.labels[i], skipped
+            except Exception as e:  # unreadable: warn, use the next file, count it
+                print(f'warning: skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
+        raise RuntimeError('no readable image in the dataset')
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Deterministic procedural images (gradient background, striped texture, 1-3 shapes) with a class label
+    (the shape of the largest one). Same (uint8 tensor, label, 0) items as `ImageFiles`; any size, no files."""
+
+    def __init__(self, n, size, in_chans=3, seed=0):
+        self.n, self.size, self.in_chans, self.seed = n, pair(size), in_chans, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        idx = key[1] if isinstance(key, tuple) else key
+        rng = np.random.default_rng([self.seed, idx])
+        H, W = self.size
+        y, x = np.mgrid[0:H, 0:W] / max(H, W)  # (H, W) each, in [0, 1)
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * x + np.sin(a) * y)[..., None]  # (H, W, 1)
+        img = (1 - t) * rng.uniform(0, 1, 3) + t * rng.uniform(0, 1, 3)  # (H, W, 3) gradient
+        f, b = rng.uniform(8, 30), rng.uniform(0, 2 * np.pi)
+        img += 0.15 * np.sin(f * (np.cos(b) * x + np.sin(b) * y))[..., None]  # stripes
+        areas = []
+        for _ in range(rng.integers(1, 4)):
+            kind, (cy, cx), r = rng.integers(3), rng.uniform(0.15, 0.85, 2), rng.uniform(0.08, 0.3)
+            if kind == 0:
+                inside = (y - cy) ** 2 + (x - cx) ** 2 < r ** 2  # disc
+            elif kind == 1:
+                inside = (abs(y - cy) < r) & (abs(x - cx) < r * 0.7)  # rectangle
+            else:
+                inside = (y - cy < r) & (y - cy > -r + 2 * abs(x - cx))  # triangle
+            img[inside] = rng.uniform(0, 1, 3)
+            areas.append((inside.sum(), kind))
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)  # (H, W, 3)
+        if self.in_chans == 1:
+            img = img.mean(-1, keepdims=True).astype(np.uint8)
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), int(max(areas)[1]), 0  # (C, H, W)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shards a per-epoch permutation over ranks (drop_last) and yields (epoch, index) keys, so the dataset's
+    augmentation is reproducible; `skip` resumes inside an epoch."""
+
+    def __init__(self, n, rank, world, seed, shuffle=True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        per_rank = self.n // self.world
+        mine = order[:per_rank * self.world][self.rank::self.world][self.skip:]
+        return iter([(self.epoch, int(i)) for i in mine])
+
+    def __len__(self):
+        return self.n // self.world - self.skip
+
+
+def image_dataset(args, scale, interpolation, flip=True):
+    """`--data synthetic` (or `synthetic:N` for N images, default 10000), else an image folder."""
+    if args.data.startswith('synthetic'):
+        n = int(args.data.split(':')[1]) if ':' in args.data else 10000
+        return SyntheticImages(n, args.input_size, args.in_chans, args.seed)
+    return ImageFiles(args.data, args.input_size, scale, interpolation=interpolation, flip=flip,
+                      in_chans=args.in_chans, seed=args.seed)
+
+
+def make_loader(dataset, batch_size, num_workers, d, seed):
+    sampler = EpochSampler(len(dataset), d.rank, d.world, seed)
+    if len(sampler) < batch_size:
+        raise SystemExit(f'{len(dataset)} images over {d.world} process(es) do not fill one batch of {batch_size}')
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+        pin_memory=d.device.type == 'cuda', persistent_workers=num_workers > 0,
+        generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
+    return loader, sampler
+
+
+def normalize(imgs, mean, std):
+    """uint8 (B, C, ...) on the device -> float, ImageNet-style normalised (done here, not in the workers)."""
+    shape = (1, -1) + (1,) * (imgs.dim() - 2)
+    mean = torch.tensor(mean, device=imgs.device).view(shape)
+    std = torch.tensor(std, device=imgs.device).view(shape)
+    return (imgs.float() / 255 - mean) / std
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs):
+    """Linear warmup from 0, then half-cosine to min_lr; `epoch` is fractional (MAE util/lr_sched.py)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def param_groups(model, weight_decay, skip=()):
+    """timm's add_weight_decay: no decay for 1-D params, '.bias' names and `skip`; frozen params left out.
+    Groups in the reference's order: [no_decay, decay]."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') or name in skip else decay).append(p)
+    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+
+
+def optimizer_step(optimizer, scaler, params, clip_grad=None):
+    """Unscale (fp16), measure the global grad norm, clip if asked, and step unless the norm is non-finite.
+    The skip happens on the device (fused AdamW reads `found_inf`), so there is no host sync. Returns
+    (grad_norm, skipped) as device tensors."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    skipped = ~torch.isfinite(norm)
+    if clip_grad:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.found_inf = skipped.float()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def unwrap(model):
+    """The bare module under DDP and torch.compile, so state-dict keys carry no 'module.' / '_orig_mod.'."""
+    model = model.module if hasattr(model, 'module') else model
+    return getattr(model, '_orig_mod', model)
+
+
+def rng_state(d):
+    """Every rank's RNG states, gathered to all ranks (each rank draws its own masks)."""
+    mine = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state() if d.device.type == 'cuda' else None}
+    if d.world == 1:
+        return [mine]
+    out = [None] * d.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states, d):
+    if len(states) != d.world:
+        print(f'note: checkpoint has RNG states of {len(states)} ranks, this run has {d.world}: RNG reseeded')
+        return
+    s = states[d.rank]
+    torch.set_rng_state(s['torch'])
+    random.setstate(s['python'])
+    if s['cuda'] is not None and d.device.type == 'cuda':
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def save_checkpoint(path, obj):
+    """Atomic: write a temp file then rename, so a kill mid-write never leaves a broken checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model, path):
+    """--init: start from weights (our checkpoint or a reference release). Keys as the reference names them;
+    'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out."""
+    ckpt = load_checkpoint(path)
+    sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
+    own = model.state_dict()
+    shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    res = model.load_state_dict({k: v for k, v in sd.items() if k not in shape_mismatch}, strict=False)
+    loaded = len(sd) - len(shape_mismatch) - len(res.unexpected_keys)
+    if loaded == 0:
+        raise SystemExit(f'--init {path}: no tensor matches this model (keys like {list(sd)[:3]})')
+    print(f'--init {path}: loaded {loaded} tensors; not in the file (kept as initialised): {len(res.missing_keys)} '
+          f'{res.missing_keys[:6]}; ignored: {res.unexpected_keys[:6]}; shape differs: {shape_mismatch}')
+    return res
+
+
+def load_checkpoint(path):
+    """weights_only load; argparse.Namespace allowed because the reference checkpoints store their args in one."""
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# --------------------------------------------------------------------------- logging and pictures
+
+
+class Logger:
+    """One human line per log step plus the same record as a JSON line in output_dir/log.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir, enabled):
+        self.enabled, self.path = enabled, Path(output_dir) / 'log.jsonl'
+
+    def log(self, rec):
+        if not self.enabled:
+            return
+        eta = rec.get('eta_s', 0)
+        print(f"ep {rec['epoch']} step {rec['step']}/{rec['total_steps']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+              f"{rec['img_per_s']:.1f} img/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
+              f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+              f"{int(eta % 60):02d}", flush=True)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+
+
+def _label_font():
+    from PIL import ImageFont
+    return ImageFont.load_default()
+
+
+def save_grid(path, columns, note='', pad=2, min_width=128):
+    """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an
+    optional note below. Small images are enlarged (nearest) so the titles fit."""
+    titles, ims = zip(*columns)
+    s = max(1, math.ceil(min_width / ims[0].shape[-1]))
+    ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
+    B, C, H, W = ims[0].shape
+    head, foot = 12 * max(1 + t.count('\n') for t in titles) + 2, 12 * (note.count('\n') + 1) + 4 if note else 0
+    canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for c, (title, im) in enumerate(zip(titles, ims)):
+        draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=_label_font())
+        im = (im.clamp(0, 1) * 255).round().byte()
+        im = im.expand(-1, 3, -1, -1) if C == 1 else im
+        for r in range(B):
+            canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * (H + pad)))
+    if note:
+        draw.multiline_text((pad, canvas.height - foot + 2), note, fill='black', font=_label_font())
+    canvas.save(path)
+
+
+def save_loss_curve(path, log_path, size=(640, 360)):
+    """Training loss against step, from log.jsonl."""
+    recs = [json.loads(line) for line in open(log_path)] if Path(log_path).exists() else []
+    pts = [(r['step'], r['loss']) for r in recs if math.isfinite(r['loss'])]
+    W, H, m = size[0], size[1], 40
+    img = Image.new('RGB', size, 'white')
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline='black')
+    if len(pts) >= 2:
+        (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (min(p[1] for p in pts), max(p[1] for p in pts))
+        sx, sy = (W - 1.5 * m) / max(x1 - x0, 1), (H - 1.5 * m) / max(y1 - y0, 1e-12)
+        d.line([(m + (x - x0) * sx, H - m - (y - y0) * sy) for x, y in pts], fill='blue', width=2)
+        d.text((m, H - m + 4), f'step {x0}', fill='black', font=_label_font())
+        d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=_label_font())
+        d.text((2, m // 2), f'{y1:.3g}', fill='black', font=_label_font())
+        d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=_label_font())
+    d.text((W // 2 - 30, 4), 'training loss', fill='black', font=_label_font())
+    img.save(path)
+
+
+class Timer:
+    """Throughput and ETA: wall time between log steps and the share of it spent waiting for data."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.wait = 0.0
+
+    def lap(self):
+        now = time.perf_counter()
+        dt, wait, self.last, self.wait = now - self.last, self.wait, now, 0.0
+        return dt, wait

@@ -1,0 +1,381 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., arXiv 2111.06377).
+
+Reference: github.com/facebookresearch/mae (models_mae.py, main_pretrain.py, engine_pretrain.py, util/).
+A ViT encoder sees only the visible 25% of the patches; a light decoder gets the encoded tokens plus mask tokens
+and regresses the (per-patch normalised) pixels of the removed patches.
+
+    python mae.py --demo                                          # tiny model, synthetic images, CPU, ~2 min
+    torchrun --nproc_per_node=8 mae.py --data imagenet/           # ViT-B/16, the paper's recipe
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae.py --data imagenet/
+
+Deviations from the reference:
+- The effective batch is `--global_batch` (4096, paper A.1); `accum_iter` is derived from it, not given by hand.
+- bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives).
+- A non-finite loss/gradient skips the optimizer step and is counted (reference: sys.exit); `--max_bad_steps` in a
+  row stop the run.
+- An epoch is truncated to a whole number of accumulation cycles (reference: the trailing micro-batches' gradients
+  leak into the next epoch's first step).
+- Defaults are ViT-B/16 for 800 epochs (reference argparse: ViT-L, 400 epochs, blr 1e-3; the paper's recipe is
+  given on the command line in PRETRAIN.md); norm-pix loss on by default.
+- No masked patch at all (`--mask_ratio 0`) gives loss 0 instead of 0/0 = NaN.
+- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
+  `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
+"""
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, Preemption, Timer, amp_setup,
+                    cosine_lr, image_dataset, init_distributed, load_checkpoint, load_weights, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, rng_state, save_checkpoint, save_grid,
+                    save_loss_curve, set_rng_state, sincos_2d, unpatchify, unwrap)
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Args:
+    data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
+    demo: bool = False  # tiny model on synthetic images, a minute or two on a laptop CPU
+    output_dir: str = 'output_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
+    model: str = 'base'  # tiny | base | large | huge (MODELS below; paper headline ViT-B/L/H)
+    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
+    mask_ratio: float = 0.75  # paper Sec. 4, Fig. 5
+    norm_pix_loss: bool = True  # ref PRETRAIN.md --norm_pix_loss; paper Tab. 1c
+    batch_size: int = 64  # per GPU; ref PRETRAIN.md
+    global_batch: int = 4096  # paper A.1; accum_iter = global_batch / (batch_size x GPUs)
+    epochs: int = 800  # paper Tab. 1 / PRETRAIN.md (ViT-L 800 ep); released checkpoints 1600
+    warmup_epochs: int = 40  # paper A.1
+    blr: float = 1.5e-4  # paper A.1; lr = blr x global_batch / 256
+    min_lr: float = 0.0  # ref main_pretrain.py
+    weight_decay: float = 0.05  # paper A.1
+    betas: tuple = (0.9, 0.95)  # paper A.1
+    clip_grad: float = 0.0  # 0 = none; ref: no clipping in pretraining
+    mean: tuple = IMAGENET_MEAN  # ref Normalize
+    std: tuple = IMAGENET_STD  # ref Normalize
+    num_workers: int = 10  # ref main_pretrain.py
+    seed: int = 0  # ref; data and masks use seed + rank
+    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    compile: bool = False  # torch.compile the model
+    resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
+    init: Optional[str] = None  # start from weights: our checkpoint or a reference MAE release (full/visualize)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); for benchmarks and tests
+    log_every: int = 20  # optimizer steps between log lines (also how often ranks agree on preemption)
+    save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
+    keep_every: int = 20  # ref: checkpoint-<epoch>.pth every 20 epochs and at the last
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+
+
+# name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_mae.py
+MODELS = {
+    'tiny': (8, 128, 4, 4, 96, 2, 4),  # ours, for the demo and tests
+    'base': (16, 768, 12, 12, 512, 8, 16),
+    'large': (16, 1024, 24, 16, 512, 8, 16),
+    'huge': (14, 1280, 32, 16, 512, 8, 16),
+}
+DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mae_demo', log_every=8, keep_every=3)
+
+# --------------------------------------------------------------------------- masking (paper Sec. 3)
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample random masking by sorting uniform noise: the int(N(1-ratio)) patches with the smallest noise stay.
+
+    x: (B, N, D) -> x_vis (B, N_vis, D), mask (B, N) bool with True = removed, ids_restore (B, N) that undoes the
+    shuffle (x_shuffled.gather(1, ids_restore) is back in patch order)."""
+    B, N, D = x.shape
+    n_keep = int(N * (1 - mask_ratio))
+    noise = torch.rand(B, N, device=x.device) if noise is None else noise  # (B, N) in [0, 1)
+    ids_shuffle = noise.argsort(dim=1)  # (B, N) ascending: small noise = keep
+    ids_restore = ids_shuffle.argsort(dim=1)  # (B, N)
+    ids_keep = ids_shuffle[:, :n_keep]  # (B, N_vis)
+    x_vis = x.gather(1, ids_keep[..., None].expand(-1, -1, D))  # (B, N_vis, D)
+    mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+    mask[:, :n_keep] = False
+    mask = mask.gather(1, ids_restore)  # (B, N) in patch order
+    return x_vis, mask, ids_restore
+
+
+# --------------------------------------------------------------------------- model
+
+
+class MAE(nn.Module):
+    """MaskedAutoencoderViT with the reference's parameter names, so its checkpoints load as they are."""
+
+    def __init__(self, img_size, patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, in_chans=3,
+                 norm_pix_loss=True):
+        super().__init__()
+        self.norm_pix_loss = norm_pix_loss
+        # encoder: a ViT over the visible patches, fixed 2-D sin-cos positions with a zero cls slot
+        self.patch_embed = PatchEmbed(img_size, patch, in_chans, dim)
+        gh, gw = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_2d(dim, gh, gw, cls_token=True)[None], requires_grad=False)  # (1, 1+N, D)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        # decoder: narrower ViT over all positions; mask tokens live in decoder space
+        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(dec_dim, gh, gw, cls_token=True)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dec_dim, patch * patch * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # patch embedding as a Linear on the flattened (D, C*p*p) weight; its conv bias keeps PyTorch's init
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(self.patch_embed.proj.weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # fused qkv initialised as one (3D, D) matrix, as the reference does
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, N, D): positions added before masking
+        x_vis, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x_vis], dim=1)  # (B, 1+N_vis, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_embed(latent)  # (B, 1+N_vis, Dd), cls included
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N + 1 - x.shape[1], -1)  # (B, N_mask, Dd)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, N, Dd) in shuffled order
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # (B, N, Dd) in patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+N, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C), cls dropped after the head
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # (B, N, p*p*C)
+        loss = forward_loss(imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss)
+        return loss, {'pred': pred, 'mask': mask}
+
+
+def encoder_state_dict(model):
+    """The encoder in timm's VisionTransformer layout (what the MAE fine-tuning code and timm's ViT load)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
+
+
+# --------------------------------------------------------------------------- loss (paper Sec. 3, ref forward_loss)
+
+
+def forward_loss(imgs, pred, mask, p, norm_pix_loss):
+    """MSE on the removed patches only. With norm_pix_loss each target patch is normalised by its own mean and
+    unbiased variance over all p*p*C values. imgs (B, C, H, W) normalised; pred (B, N, p*p*C); mask (B, N)."""
+    target = patchify(imgs, p)  # (B, N, p*p*C)
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N) per-patch MSE
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def visualize(model, imgs, args, path):
+    """original | masked input | prediction | prediction with the visible patches pasted, for a fixed batch and
+    a fixed mask. A norm-pix prediction has no colour of its own: it is shown with the true patch mean/std,
+    and the picture says so."""
+    was_training = model.training
+    model.eval()
+    p, (gh, gw) = model.patch_embed.patch_size, model.patch_embed.grid_size
+    noise = torch.rand(imgs.shape[0], gh * gw, generator=torch.Generator().manual_seed(0)).to(imgs.device)
+    _, out = model(imgs, args.mask_ratio, noise)
+    pred, mask = out['pred'].float(), out['mask'][..., None]  # (B, N, p*p*C), (B, N, 1)
+    target = patchify(imgs, p)  # (B, N, p*p*C)
+    title, note = 'prediction', ''
+    if args.norm_pix_loss:
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        title, note = 'prediction *', ('* norm-pix target: each predicted patch is shown with the TRUE mean and std\n'
+                                       '  of the hidden patch, which the model never saw (colour/brightness leak)')
+    C = imgs.shape[1]
+    mean, std = torch.tensor(args.mean, device=imgs.device), torch.tensor(args.std, device=imgs.device)
+    to_img = lambda t: unpatchify(t, p, gh, gw, C) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # noqa: E731
+    grey = torch.full_like(target, 0.5)  # shown for hidden patches; un-normalise a pixel value 0.5 back
+    grey = patchify((unpatchify(grey, p, gh, gw, C) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), p)
+    save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
+                     (title, to_img(pred)), (title + ' + visible', to_img(torch.where(mask, pred, target)))], note)
+    model.train(was_training)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def main(args):
+    d = init_distributed()
+    torch.manual_seed(args.seed + d.rank)
+    random.seed(args.seed + d.rank)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
+    H, W = pair(args.input_size)
+    if H % patch or W % patch:
+        raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
+    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
+        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+
+    # batch arithmetic: per-GPU x GPUs x accumulation = the paper's global batch
+    accum = args.global_batch // (args.batch_size * d.world)
+    if accum < 1 or accum * args.batch_size * d.world != args.global_batch:
+        raise SystemExit(f'--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size} x '
+                         f'{d.world} processes')
+    lr = args.blr * args.global_batch / 256
+
+    dataset = image_dataset(args, scale=(0.2, 1.0), interpolation='bicubic')  # ref: RRC(0.2, 1, bicubic) + flip
+    loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
+    iters_per_epoch = len(sampler) // args.batch_size // accum * accum
+    steps_per_epoch = iters_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    model = MAE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, args.in_chans,
+                args.norm_pix_loss).to(d.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
+                                  fused=d.device.type in ('cuda', 'cpu'))
+    autocast, scaler = amp_setup(args.amp, d.device)
+
+    step, resume = 0, args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        set_rng_state(ckpt['rng'], d)
+        step = ckpt['step']
+        print(f'resumed from {resume} at step {step}') if d.main else None
+    elif args.init:
+        load_weights(model, args.init)
+    fwd = torch.compile(model) if args.compile else model
+    if d.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+
+    if d.main:
+        print(json.dumps(dataclasses.asdict(args)))
+        print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params, '
+              f'{model.patch_embed.num_patches} patches; {len(dataset)} images, {steps_per_epoch} steps/epoch')
+        print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
+              f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
+
+    vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
+    vis_imgs = normalize(vis_imgs, args.mean, args.std)  # a fixed batch for the pictures
+
+    def save(epoch_done, final=False):
+        states = rng_state(d)  # collective: every rank calls it
+        if not d.main:
+            return
+        ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states}
+        save_checkpoint(out / 'checkpoint.pth', ckpt)
+        if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
+            save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
+        visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
+        save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if final:
+            torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
+
+    logger, timer, preempt = Logger(out, d.main), Timer(), Preemption()
+    stats = torch.zeros(3, device=d.device)  # since the last log: loss sum, micro-steps, skipped files
+    bad_total, bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+    log_step, stop = step, None
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
+        sampler.set_epoch(epoch, skip=first * args.batch_size)
+        batches = iter(loader)
+        for it in range(first, iters_per_epoch):
+            t = time.perf_counter()
+            imgs, _, skipped = next(batches)
+            timer.wait += time.perf_counter() - t
+            imgs = normalize(imgs.to(d.device, non_blocking=True), args.mean, args.std)  # (B, C, H, W)
+            if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref lr_sched.py)
+                for g in optimizer.param_groups:
+                    g['lr'] = cosine_lr(epoch + it / iters_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs)
+            update = (it + 1) % accum == 0
+            with fwd.no_sync() if d.world > 1 and not update else nullcontext():
+                with autocast:
+                    loss, _ = fwd(imgs, args.mask_ratio)
+                scaler.scale(loss / accum).backward()
+            stats += torch.stack([loss.detach().float(), torch.ones((), device=d.device),
+                                  skipped.sum().to(d.device, torch.float)])
+            if not update:
+                continue
+            _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
+            bad_total += bad
+            bad_run = (bad_run + 1) * bad
+            step += 1
+
+            if step % args.log_every == 0 or step == total_steps:
+                flags = torch.tensor([float(preempt.flag)], device=d.device)
+                summed = torch.cat([stats, flags])
+                if d.world > 1:
+                    dist.all_reduce(summed)
+                dt, wait = timer.lap()
+                loss_avg, skipped_total = summed[0].item() / summed[1].item(), int(summed[2].item())
+                logger.log(dict(epoch=round(epoch + (it + 1) / iters_per_epoch, 4), step=step, total_steps=total_steps,
+                                loss=loss_avg, lr=optimizer.param_groups[0]['lr'],
+                                img_per_s=(step - log_step) * args.global_batch / dt, data_wait=wait / dt,
+                                mem_gb=torch.cuda.max_memory_allocated() / 2**30 if d.device.type == 'cuda' else 0.0,
+                                skipped=skipped_total, bad_steps=int(bad_total.item()),
+                                eta_s=dt / (step - log_step) * (total_steps - step)))
+                stats[:2], log_step = 0, step
+                if bad_run.item() >= args.max_bad_steps:
+                    stop = 'bad'
+                elif summed[3].item() > 0:
+                    stop = 'preempted'
+            if step >= total_steps and stop is None:
+                stop = 'max_steps' if step < args.epochs * steps_per_epoch else None
+                break
+            if stop:
+                break
+        if stop == 'bad':
+            raise SystemExit(f'stopping: {args.max_bad_steps} steps in a row had a non-finite loss or gradient '
+                             f'(skipped). Resume from {out / "checkpoint.pth"} (the last good state); if it recurs, '
+                             f'try --amp bf16 or --amp none.')
+        if stop:
+            break
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(epoch + 1, final=epoch + 1 == args.epochs)
+    if stop == 'preempted':
+        save(None)
+        print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes') if d.main else None
+    elif stop == 'max_steps':
+        save(None, final=True)
+    if d.world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == '__main__':
+    main(parse_args(Args, demo=DEMO))
