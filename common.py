@@ -265,23 +265,18 @@ class Preemption:
 # --------------------------------------------------------------------------- data
 
 
-def _decode_rgb(path, in_chans, crop_for_draft):
-    """Open an image, decode JPEGs at reduced size when the crop allows it, return it in RGB (or L) plus the
-    factor by which it was reduced. 16-bit, palette-with-transparency and CMYK inputs are converted explicitly."""
-    img = Image.open(path)
-    W0, H0 = img.size
-    if img.format == 'JPEG' and crop_for_draft is not None:
-        (_, _, h, w), (out_h, out_w) = crop_for_draft(W0, H0)
-        img.draft('RGB' if in_chans == 3 else 'L', (math.ceil(W0 * out_w / w), math.ceil(H0 * out_h / h)))
+def to_mode(img, in_chans):
+    """Decode and convert any mode to RGB (or L for in_chans 1): 16/32-bit greys are scaled to 8 bits, not clipped;
+    a palette with transparency goes through RGBA as PIL asks."""
     img.load()
-    if img.mode.startswith('I') or img.mode == 'F':  # 16/32-bit grey: scale to 8 bits
+    if img.mode.startswith('I') or img.mode == 'F':
         a = np.asarray(img, dtype=np.float64)
         a = a / 257.0 if img.mode.startswith('I;16') or a.max() > 255 else a
-        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), 'L')
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), 'L')
     elif img.mode == 'P' and 'transparency' in img.info:
         img = img.convert('RGBA')
     mode = 'RGB' if in_chans == 3 else 'L'
-    return (img if img.mode == mode else img.convert(mode)), img.size[0] / W0
+    return img if img.mode == mode else img.convert(mode)
 
 
 def random_resized_crop_params(W, H, scale, ratio, rng):
@@ -317,7 +312,8 @@ class ImageFiles(torch.utils.data.Dataset):
         if not root.is_dir():
             raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
         root = root / 'train' if (root / 'train').is_dir() else root
-        self.files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = sorted(Path(dirpath, f) for dirpath, _, files in os.walk(root, followlinks=True)
+                            for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise SystemExit(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
         classes = sorted({p.relative_to(root).parts[0] for p in self.files if len(p.relative_to(root).parts) > 1})
@@ -331,19 +327,16 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def load(self, idx, rng):
-        crop = []
-
-        def crop_for_draft(W, H):
-            crop.append(random_resized_crop_params(W, H, self.scale, self.ratio, rng))
-            return crop[0], self.size
-
-        img, f = _decode_rgb(self.files[idx], self.in_chans, crop_for_draft)
-        top, left, h, w = crop[0] if crop else random_resized_crop_params(*img.size, self.scale, self.ratio, rng)
-        if not crop:
-            f = 1.0
-        box = (left * f, top * f, (left + w) * f, (top + h) * f)
-        img = img.resize(self.size[::-1], self.resample, box=box)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).reshape(*self.size, self.in_chans)
+        img = Image.open(self.files[idx])
+        W0, H0 = img.size
+        top, left, h, w = random_resized_crop_params(W0, H0, self.scale, self.ratio, rng)
+        out_h, out_w = self.size
+        if img.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale while the crop still covers the output size
+            img.draft('RGB' if self.in_chans == 3 else 'L', (math.ceil(W0 * out_w / w), math.ceil(H0 * out_h / h)))
+        img = to_mode(img, self.in_chans)
+        fx, fy = img.size[0] / W0, img.size[1] / H0
+        img = img.resize((out_w, out_h), self.resample, box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy))
+        x = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(out_h, out_w, self.in_chans))
         x = x.permute(2, 0, 1)  # (C, H, W)
         return x.flip(-1) if self.flip and rng.random() < 0.5 else x
 

@@ -263,7 +263,7 @@ def main(args):
                 args.norm_pix_loss).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
-                                  fused=d.device.type in ('cuda', 'cpu'))
+                                  fused=True)  # fused: skips a non-finite step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step, resume = 0, args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
