@@ -460,7 +460,8 @@ def param_groups(model, weight_decay, skip=()):
 
 def optimizer_step(optimizer, scaler, params, clip_grad=None):
     """Unscale (fp16), measure the global grad norm, clip if asked, and step unless the norm is non-finite.
-    The skip happens on the device (fused AdamW reads `found_inf`), so there is no host sync. Returns
+    The skip happens on the device (a fused AdamW reads `found_inf`; other optimizers refuse it), so there is no
+    host sync. Returns
     (grad_norm, skipped) as device tensors."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
@@ -573,14 +574,14 @@ def save_grid(path, columns, note='', pad=2, min_width=128):
     titles, ims = zip(*columns)
     s = max(1, math.ceil(min_width / ims[0].shape[-1]))
     ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
-    B, C, H, W = ims[0].shape
+    B, _, H, W = ims[0].shape
     head, foot = 12 * max(1 + t.count('\n') for t in titles) + 2, 12 * (note.count('\n') + 1) + 4 if note else 0
     canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, (title, im) in enumerate(zip(titles, ims)):
         draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=_label_font())
         im = (im.clamp(0, 1) * 255).round().byte()
-        im = im.expand(-1, 3, -1, -1) if C == 1 else im
+        im = im.expand(-1, 3, -1, -1) if im.shape[1] == 1 else im
         for r in range(B):
             canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * (H + pad)))
     if note:

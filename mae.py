@@ -274,7 +274,8 @@ def main(args):
         scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'], d)
         step = ckpt['step']
-        print(f'resumed from {resume} at step {step}') if d.main else None
+        if d.main:
+            print(f'resumed from {resume} at step {step}')
     elif args.init:
         load_weights(model, args.init)
     fwd = torch.compile(model) if args.compile else model
@@ -291,7 +292,7 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     vis_imgs = normalize(vis_imgs, args.mean, args.std)  # a fixed batch for the pictures
 
-    def save(epoch_done, final=False):
+    def save(epoch_done):
         states = rng_state(d)  # collective: every rank calls it
         if not d.main:
             return
@@ -302,13 +303,11 @@ def main(args):
             save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
         visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-        if final:
-            torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
 
     logger, timer, preempt = Logger(out, d.main), Timer(), Preemption()
     stats = torch.zeros(3, device=d.device)  # since the last log: loss sum, micro-steps, skipped files
     bad_total, bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
-    log_step, stop = step, None
+    log_step, saved, stop = step, step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -354,24 +353,25 @@ def main(args):
                     stop = 'bad'
                 elif summed[3].item() > 0:
                     stop = 'preempted'
-            if step >= total_steps and stop is None:
-                stop = 'max_steps' if step < args.epochs * steps_per_epoch else None
-                break
-            if stop:
+            if stop or step >= total_steps:
                 break
         if stop == 'bad':
             raise SystemExit(f'stopping: {args.max_bad_steps} steps in a row had a non-finite loss or gradient '
                              f'(skipped). Resume from {out / "checkpoint.pth"} (the last good state); if it recurs, '
                              f'try --amp bf16 or --amp none.')
-        if stop:
+        epoch_complete = step == (epoch + 1) * steps_per_epoch
+        if epoch_complete and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save(epoch + 1)
+            saved = step
+        if stop or step >= total_steps:
             break
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save(epoch + 1, final=epoch + 1 == args.epochs)
-    if stop == 'preempted':
+    if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-        print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes') if d.main else None
-    elif stop == 'max_steps':
-        save(None, final=True)
+    if stop == 'preempted':
+        if d.main:
+            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
+    elif d.main:  # the end, or --max_steps: the encoder alone, in timm's ViT layout
+        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
     if d.world > 1:
         dist.destroy_process_group()
     return model
