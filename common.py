@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FONT = ImageFont.load_default()
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 # --------------------------------------------------------------------------- patches and positions
@@ -107,10 +108,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias and not qv_bias)
-        if qv_bias:
-            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None):
@@ -154,11 +153,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
-        if init_values > 0:
-            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
-            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
-        else:
-            self.gamma_1 = self.gamma_2 = None
+        self.gamma_1 = nn.Parameter(init_values * torch.ones(dim)) if init_values > 0 else None
+        self.gamma_2 = nn.Parameter(init_values * torch.ones(dim)) if init_values > 0 else None
 
     def forward(self, x, bias=None):
         a = self.attn(self.norm1(x), bias)
@@ -235,13 +231,6 @@ def init_distributed():
     return SimpleNamespace(rank=rank, local_rank=local, world=world, device=device, main=rank == 0)
 
 
-def all_reduce_mean(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-        t = t / world
-    return t
-
-
 def amp_setup(amp, device):
     """bf16 autocast by default on CUDA, fp16 with a GradScaler on request, fp32 on the CPU."""
     if device.type != 'cuda' or amp == 'none':
@@ -255,11 +244,8 @@ class Preemption:
 
     def __init__(self):
         self.flag = False
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._set)
-
-    def _set(self, *_):
-        self.flag = True
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda *_: setattr(self, 'flag', True))
 
 
 # --------------------------------------------------------------------------- data
@@ -546,10 +532,17 @@ def load_checkpoint(path):
 
 
 class Logger:
-    """One human line per log step plus the same record as a JSON line in output_dir/log.jsonl (rank 0 only)."""
+    """One human line per log step plus the same record as a JSON line in output_dir/log.jsonl (rank 0 only).
+    `lap()` gives the wall time since the last lap and the part of it spent waiting for data (`wait`)."""
 
     def __init__(self, output_dir, enabled):
         self.enabled, self.path = enabled, Path(output_dir) / 'log.jsonl'
+        self.last, self.wait = time.perf_counter(), 0.0
+
+    def lap(self):
+        now = time.perf_counter()
+        dt, wait, self.last, self.wait = now - self.last, self.wait, now, 0.0
+        return dt, wait
 
     def log(self, rec):
         if not self.enabled:
@@ -563,11 +556,6 @@ class Logger:
             f.write(json.dumps(rec) + '\n')
 
 
-def _label_font():
-    from PIL import ImageFont
-    return ImageFont.load_default()
-
-
 def save_grid(path, columns, note='', pad=2, min_width=128):
     """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an
     optional note below. Small images are enlarged (nearest) so the titles fit."""
@@ -579,13 +567,13 @@ def save_grid(path, columns, note='', pad=2, min_width=128):
     canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, (title, im) in enumerate(zip(titles, ims)):
-        draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=_label_font())
+        draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=FONT)
         im = (im.clamp(0, 1) * 255).round().byte()
         im = im.expand(-1, 3, -1, -1) if im.shape[1] == 1 else im
         for r in range(B):
             canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * (H + pad)))
     if note:
-        draw.multiline_text((pad, canvas.height - foot + 2), note, fill='black', font=_label_font())
+        draw.multiline_text((pad, canvas.height - foot + 2), note, fill='black', font=FONT)
     canvas.save(path)
 
 
@@ -601,22 +589,9 @@ def save_loss_curve(path, log_path, size=(640, 360)):
         (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (min(p[1] for p in pts), max(p[1] for p in pts))
         sx, sy = (W - 1.5 * m) / max(x1 - x0, 1), (H - 1.5 * m) / max(y1 - y0, 1e-12)
         d.line([(m + (x - x0) * sx, H - m - (y - y0) * sy) for x, y in pts], fill='blue', width=2)
-        d.text((m, H - m + 4), f'step {x0}', fill='black', font=_label_font())
-        d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=_label_font())
-        d.text((2, m // 2), f'{y1:.3g}', fill='black', font=_label_font())
-        d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=_label_font())
-    d.text((W // 2 - 30, 4), 'training loss', fill='black', font=_label_font())
+        d.text((m, H - m + 4), f'step {x0}', fill='black', font=FONT)
+        d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=FONT)
+        d.text((2, m // 2), f'{y1:.3g}', fill='black', font=FONT)
+        d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
+    d.text((W // 2 - 30, 4), 'training loss', fill='black', font=FONT)
     img.save(path)
-
-
-class Timer:
-    """Throughput and ETA: wall time between log steps and the share of it spent waiting for data."""
-
-    def __init__(self):
-        self.t0 = self.last = time.perf_counter()
-        self.wait = 0.0
-
-    def lap(self):
-        now = time.perf_counter()
-        dt, wait, self.last, self.wait = now - self.last, self.wait, now, 0.0
-        return dt, wait

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, Preemption, Timer, amp_setup,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, Preemption, amp_setup,
                     cosine_lr, image_dataset, init_distributed, load_checkpoint, load_weights, make_loader, normalize,
                     optimizer_step, pair, param_groups, parse_args, patchify, rng_state, save_checkpoint, save_grid,
                     save_loss_curve, set_rng_state, sincos_2d, unpatchify, unwrap)
@@ -304,7 +303,7 @@ def main(args):
         visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, timer, preempt = Logger(out, d.main), Timer(), Preemption()
+    logger, preempt = Logger(out, d.main), Preemption()
     stats = torch.zeros(3, device=d.device)  # since the last log: loss sum, micro-steps, skipped files
     bad_total, bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     log_step, saved, stop = step, step, None
@@ -316,7 +315,7 @@ def main(args):
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
             imgs, _, skipped = next(batches)
-            timer.wait += time.perf_counter() - t
+            logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), args.mean, args.std)  # (B, C, H, W)
             if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref lr_sched.py)
                 for g in optimizer.param_groups:
@@ -340,7 +339,7 @@ def main(args):
                 summed = torch.cat([stats, flags])
                 if d.world > 1:
                     dist.all_reduce(summed)
-                dt, wait = timer.lap()
+                dt, wait = logger.lap()
                 loss_avg, skipped_total = summed[0].item() / summed[1].item(), int(summed[2].item())
                 logger.log(dict(epoch=round(epoch + (it + 1) / iters_per_epoch, 4), step=step, total_steps=total_steps,
                                 loss=loss_avg, lr=optimizer.param_groups[0]['lr'],
