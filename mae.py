@@ -236,6 +236,8 @@ def main(args):
     if d.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none'):
+        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none')
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
