@@ -4,7 +4,7 @@ Reference: github.com/facebookresearch/mae (models_mae.py, main_pretrain.py, eng
 A ViT encoder sees only the visible 25% of the patches; a light decoder gets the encoded tokens plus mask tokens
 and regresses the (per-patch normalised) pixels of the removed patches.
 
-    python mae.py --demo                                          # tiny model, synthetic images, CPU, ~2 min
+    python mae.py --demo                                          # tiny model, synthetic images, CPU, ~1 min
     torchrun --nproc_per_node=8 mae.py --data imagenet/           # ViT-B/16, the paper's recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae.py --data imagenet/
 
@@ -17,6 +17,9 @@ Deviations from the reference:
   leak into the next epoch's first step).
 - Defaults are ViT-B/16 for 800 epochs (reference argparse: ViT-L, 400 epochs, blr 1e-3; the paper's recipe is
   given on the command line in PRETRAIN.md); norm-pix loss on by default.
+- AdamW is torch's fused kernel (same update up to rounding), so a non-finite step is skipped without a host sync.
+- `checkpoint-<epoch>.pth` counts finished epochs (20, 40, ..., 800); the reference names them by the 0-based epoch
+  index (0, 20, ..., 799).
 - No masked patch at all (`--mask_ratio 0`) gives loss 0 instead of 0/0 = NaN.
 - Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
   `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
