@@ -3,6 +3,7 @@
 Nothing here is the idea of a paper: masking, losses, targets and the training loop live in each method file.
 Copy this file together with one method file and it runs.
 """
+import argparse
 import dataclasses
 import inspect
 import json
@@ -178,7 +179,7 @@ class RelativePositionBias(nn.Module):
         index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
         index[1:, 1:] = inner
         index[0, 0:], index[0:, 0], index[0, 0] = n_rel, n_rel + 1, n_rel + 2
-        self.register_buffer('relative_position_index', index, persistent=True)
+        self.register_buffer('relative_position_index', index)
 
     def forward(self):
         n = self.relative_position_index.shape[0]
@@ -192,7 +193,6 @@ class RelativePositionBias(nn.Module):
 def parse_args(Args, argv=None, demo=None):
     """Every field of the dataclass `Args` becomes a flag (`--name`; bools get `--no-name`; tuples take several
     values); the comment after a field is its help. `--demo` fills the fields of `demo` that were not given."""
-    import argparse
     hints, src = typing.get_type_hints(Args), inspect.getsource(Args)
     helps = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.*)$', src, re.M))
     parser = argparse.ArgumentParser(description=(sys.modules[Args.__module__].__doc__ or '').split('\n')[0],
@@ -418,9 +418,9 @@ def make_loader(dataset, batch_size, num_workers, d, seed):
 
 def normalize(imgs, mean, std):
     """uint8 (B, C, ...) on the device -> float, ImageNet-style normalised (done here, not in the workers)."""
-    shape = (1, -1) + (1,) * (imgs.dim() - 2)
-    mean = torch.tensor(mean, device=imgs.device).view(shape)
-    std = torch.tensor(std, device=imgs.device).view(shape)
+    shape = (1, -1) + (1,) * (imgs.dim() - 2)  # mean/std: sequences, or tensors already on the device (no copy)
+    mean = torch.as_tensor(mean, dtype=torch.float, device=imgs.device).view(shape)
+    std = torch.as_tensor(std, dtype=torch.float, device=imgs.device).view(shape)
     return (imgs.float() / 255 - mean) / std
 
 
@@ -523,7 +523,6 @@ def load_weights(model, path):
 
 def load_checkpoint(path):
     """weights_only load; argparse.Namespace allowed because the reference checkpoints store their args in one."""
-    import argparse
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True)
 

@@ -294,7 +294,8 @@ def main(args):
               f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
 
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
-    vis_imgs = normalize(vis_imgs, args.mean, args.std)  # a fixed batch for the pictures
+    mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
+    vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
 
     def save(epoch_done):
         states = rng_state(d)  # collective: every rank calls it
@@ -309,7 +310,7 @@ def main(args):
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
     logger, preempt = Logger(out, d.main), Preemption()
-    stats = torch.zeros(3, device=d.device)  # since the last log: loss sum, micro-steps, skipped files
+    loss_sum, micro, skipped_files = torch.zeros((), device=d.device), 0, 0  # since the last log / since start
     bad_total, bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     log_step, saved, stop = step, step, None
     model.train()
@@ -321,7 +322,7 @@ def main(args):
             t = time.perf_counter()
             imgs, _, skipped = next(batches)
             logger.wait += time.perf_counter() - t
-            imgs = normalize(imgs.to(d.device, non_blocking=True), args.mean, args.std)  # (B, C, H, W)
+            imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref lr_sched.py)
                 for g in optimizer.param_groups:
                     g['lr'] = cosine_lr(epoch + it / iters_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs)
@@ -330,8 +331,8 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(imgs, args.mask_ratio)
                 scaler.scale(loss / accum).backward()
-            stats += torch.stack([loss.detach().float(), torch.ones((), device=d.device),
-                                  skipped.sum().to(d.device, torch.float)])
+            loss_sum += loss.detach().float()
+            micro, skipped_files = micro + 1, skipped_files + int(skipped.sum())  # skipped is a CPU tensor: no sync
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
@@ -340,8 +341,8 @@ def main(args):
             step += 1
 
             if step % args.log_every == 0 or step == total_steps:
-                flags = torch.tensor([float(preempt.flag)], device=d.device)
-                summed = torch.cat([stats, flags])
+                host = torch.tensor([micro, skipped_files, float(preempt.flag)], device=d.device)
+                summed = torch.cat([loss_sum[None], host])  # (4,): loss sum, micro-steps, skipped files, preempted
                 if d.world > 1:
                     dist.all_reduce(summed)
                 dt, wait = logger.lap()
@@ -352,7 +353,7 @@ def main(args):
                                 mem_gb=torch.cuda.max_memory_allocated() / 2**30 if d.device.type == 'cuda' else 0.0,
                                 skipped=skipped_total, bad_steps=int(bad_total.item()),
                                 eta_s=dt / (step - log_step) * (total_steps - step)))
-                stats[:2], log_step = 0, step
+                loss_sum, micro, log_step = torch.zeros_like(loss_sum), 0, step
                 if bad_run.item() >= args.max_bad_steps:
                     stop = 'bad'
                 elif summed[3].item() > 0:
