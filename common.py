@@ -427,10 +427,10 @@ def normalize(imgs, mean, std):
 # --------------------------------------------------------------------------- optimisation
 
 
-def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs):
-    """Linear warmup from 0, then half-cosine to min_lr; `epoch` is fractional (MAE util/lr_sched.py)."""
+def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs, warmup_lr=0.0):
+    """Linear warmup from warmup_lr, then half-cosine to min_lr; `epoch` is fractional (MAE util/lr_sched.py)."""
     if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
+        return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 

@@ -766,6 +766,10 @@ def test_cosine_lr():
     vals = [cosine_lr(e, lr, mn, wu, ep) for e in np.linspace(wu, ep, 50)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
     assert cosine_lr(10, lr, mn, wu, ep) == pytest.approx(mn + (lr - mn) * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+    # warmup from warmup_lr (VideoMAE, SimMIM): linear from it to lr, the cosine part unchanged
+    assert cosine_lr(0, lr, mn, wu, ep, warmup_lr=0.1) == pytest.approx(0.1)
+    assert cosine_lr(2.5, lr, mn, wu, ep, warmup_lr=0.1) == pytest.approx(0.55)
+    assert cosine_lr(10, lr, mn, wu, ep, warmup_lr=0.1) == cosine_lr(10, lr, mn, wu, ep)
 
 
 class _Holder(nn.Module):
