@@ -202,11 +202,13 @@ def parse_args(Args, argv=None, demo=None):
         h = f'{h} (default: {default})'
         if t is bool:
             parser.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
-        elif isinstance(default, tuple):
-            parser.add_argument(f'--{f.name}', nargs='+', type=type(default[0]), help=h)
         else:
-            inner = [a for a in typing.get_args(t) if a is not type(None)]
-            parser.add_argument(f'--{f.name}', type=inner[0] if inner else t, help=h)
+            inner = ([a for a in typing.get_args(t) if a is not type(None)] or [t])[0]  # Optional[X] -> X
+            if isinstance(default, tuple) or typing.get_origin(inner) is tuple:  # tuple[int, ...] or a tuple default
+                elem = type(default[0]) if isinstance(default, tuple) else typing.get_args(inner)[0]
+                parser.add_argument(f'--{f.name}', nargs='+', type=elem, help=h)
+            else:
+                parser.add_argument(f'--{f.name}', type=inner, help=h)
     given = vars(parser.parse_args(argv))
     if given.get('demo') and demo:
         given = {**demo, **given}

@@ -1014,6 +1014,21 @@ def test_parse_args_types_and_defaults():
     assert parse_args(CliArgs, ['--data', 'y', '--flag']).flag is True
 
 
+@dataclasses.dataclass
+class OptionalArgs:
+    data: Optional[str] = 'x'  # data
+    size: Optional[tuple[int, ...]] = None  # None: the preset's
+    epochs: Optional[int] = None  # None: the preset's
+    lr: Optional[float] = None  # None: the recipe's
+
+
+def test_parse_args_optional_fields():
+    a = parse_args(OptionalArgs, ['--size', '32', '48', '--epochs', '7', '--lr', '1e-3'])
+    assert a == OptionalArgs(data='x', size=(32, 48), epochs=7, lr=1e-3)
+    assert all(type(v) is int for v in a.size) and type(a.epochs) is int and type(a.lr) is float
+    assert parse_args(OptionalArgs, []) == OptionalArgs()
+
+
 def test_parse_args_errors(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(CliArgs, ['--data', 'x', '--bogus', '1'])
