@@ -233,6 +233,20 @@ def init_distributed():
     return SimpleNamespace(rank=rank, local_rank=local, world=world, device=device, main=rank == 0)
 
 
+def setup_run(args):
+    """The process group, per-rank seeds (data and masks differ across ranks), the output folder and TF32 matmuls
+    on CUDA. Returns (d, output_dir)."""
+    d = init_distributed()
+    torch.manual_seed(args.seed + d.rank)
+    random.seed(args.seed + d.rank)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return d, out
+
+
 def amp_setup(amp, device):
     """bf16 autocast by default on CUDA, fp16 with a GradScaler on request, fp32 on the CPU."""
     if device.type != 'cuda' or amp == 'none':
@@ -499,6 +513,49 @@ def set_rng_state(states, d):
         torch.cuda.set_rng_state(s['cuda'])
 
 
+def accumulation(args, d):
+    """Gradient accumulation so that per-GPU batch x GPUs x accum = --global_batch (the paper's batch)."""
+    accum = args.global_batch // (args.batch_size * d.world)
+    if accum < 1 or accum * args.batch_size * d.world != args.global_batch:
+        raise SystemExit(f'--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size} x '
+                         f'{d.world} processes')
+    return accum
+
+
+def resume(args, model, optimizer, scaler, d):
+    """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by
+    itself); otherwise start from --init weights if given. Returns the optimizer step to continue from."""
+    last = Path(args.output_dir) / 'checkpoint.pth'
+    path = args.resume or (last if last.exists() else None)
+    if path is None:
+        if args.init:
+            load_weights(model, args.init)
+        return 0
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'], d)
+    if d.main:
+        print(f'resumed from {path} at step {ckpt["step"]}')
+    return ckpt['step']
+
+
+def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
+    """output_dir/checkpoint.pth, plus checkpoint-<epoch>.pth every --keep_every epochs and at the last.
+    Collective (every rank's RNG state is gathered); only rank 0 writes, and it alone gets True back."""
+    states = rng_state(d)
+    if not d.main:
+        return False
+    out = Path(args.output_dir)
+    ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states}
+    save_checkpoint(out / 'checkpoint.pth', ckpt)
+    if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
+        save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
+    return True
+
+
 def save_checkpoint(path, obj):
     """Atomic: write a temp file then rename, so a kill mid-write never leaves a broken checkpoint."""
     path = Path(path)
@@ -533,28 +590,54 @@ def load_checkpoint(path):
 
 
 class Logger:
-    """One human line per log step plus the same record as a JSON line in output_dir/log.jsonl (rank 0 only).
-    `lap()` gives the wall time since the last lap and the part of it spent waiting for data (`wait`)."""
+    """The training loop's bookkeeping between log steps, kept on the device (no per-step host sync): the loss sum,
+    micro-steps, skipped files and the run of non-finite steps. `log_step` agrees across ranks on the averages and on
+    preemption (one all-reduce), prints one line and appends the same record to output_dir/log.jsonl (rank 0)."""
 
-    def __init__(self, output_dir, enabled):
-        self.enabled, self.path = enabled, Path(output_dir) / 'log.jsonl'
-        self.last, self.wait = time.perf_counter(), 0.0
+    def __init__(self, output_dir, d, step):
+        self.d, self.path, self.last_step = d, Path(output_dir) / 'log.jsonl', step
+        self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
+        self.loss_sum, self.micro, self.skipped = torch.zeros((), device=d.device), 0, 0
+        self.bad_total, self.bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
 
-    def lap(self):
+    def add(self, loss, skipped):
+        """After each micro-step: its loss and the (CPU) count of files the loader skipped."""
+        self.loss_sum += loss.detach().float()
+        self.micro, self.skipped = self.micro + 1, self.skipped + int(skipped.sum())
+
+    def stepped(self, bad):
+        """After each optimizer step: `bad` is optimizer_step's skipped flag (a device tensor)."""
+        self.bad_total += bad
+        self.bad_run = (self.bad_run + 1) * bad
+
+    def log_step(self, epoch, step, total_steps, lr, global_batch, max_bad_steps):
+        """Returns 'preempted' when any rank got SIGTERM/SIGUSR1; stops the run after max_bad_steps bad steps."""
+        host = torch.tensor([self.micro, self.skipped, float(self.preempt.flag)], device=self.d.device)
+        summed = torch.cat([self.loss_sum[None], host])  # (4,): loss sum, micro-steps, skipped files, preempted
+        if self.d.world > 1:
+            dist.all_reduce(summed)
         now = time.perf_counter()
-        dt, wait, self.last, self.wait = now - self.last, self.wait, now, 0.0
-        return dt, wait
-
-    def log(self, rec):
-        if not self.enabled:
-            return
-        eta = rec.get('eta_s', 0)
-        print(f"ep {rec['epoch']} step {rec['step']}/{rec['total_steps']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
-              f"{rec['img_per_s']:.1f} img/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
-              f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
-              f"{int(eta % 60):02d}", flush=True)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
+        dt, n = now - self.last, step - self.last_step
+        rec = dict(epoch=round(epoch, 4), step=step, total_steps=total_steps, loss=summed[0].item() / summed[1].item(),
+                   lr=lr, img_per_s=n * global_batch / dt, data_wait=self.wait / dt,
+                   mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.d.device.type == 'cuda' else 0.0,
+                   skipped=int(summed[2].item()), bad_steps=int(self.bad_total.item()),
+                   eta_s=dt / max(n, 1) * (total_steps - step))
+        if self.d.main:
+            eta = rec['eta_s']
+            print(f"ep {rec['epoch']} step {step}/{total_steps} loss {rec['loss']:.4f} lr {lr:.3g} "
+                  f"{rec['img_per_s']:.1f} img/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
+                  f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+                  f"{int(eta % 60):02d}", flush=True)
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+        self.last, self.wait, self.last_step = now, 0.0, step
+        self.loss_sum, self.micro = torch.zeros_like(self.loss_sum), 0
+        if self.bad_run.item() >= max_bad_steps:  # the checkpoint on disk predates the bad run: resume from it
+            raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). '
+                             f'Resume from {self.path.parent / "checkpoint.pth"} (the last good state); if it recurs, '
+                             f'try --amp bf16 or --amp none.')
+        return 'preempted' if summed[3].item() > 0 else None
 
 
 def save_grid(path, columns, note='', pad=2, min_width=128):

@@ -27,21 +27,18 @@ Deviations from the reference:
 import dataclasses
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, Preemption, amp_setup,
-                    cosine_lr, image_dataset, init_distributed, load_checkpoint, load_weights, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, patchify, rng_state, save_checkpoint, save_grid,
-                    save_loss_curve, set_rng_state, sincos_2d, unpatchify, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, cosine_lr,
+                    image_dataset, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify,
+                    resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -231,14 +228,7 @@ def visualize(model, imgs, args, path):
 
 
 def main(args):
-    d = init_distributed()
-    torch.manual_seed(args.seed + d.rank)
-    random.seed(args.seed + d.rank)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    d, out = setup_run(args)  # process group, seeds + rank, output folder
     if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none'):
         raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none')
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
@@ -248,11 +238,7 @@ def main(args):
     if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
         raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
 
-    # batch arithmetic: per-GPU x GPUs x accumulation = the paper's global batch
-    accum = args.global_batch // (args.batch_size * d.world)
-    if accum < 1 or accum * args.batch_size * d.world != args.global_batch:
-        raise SystemExit(f'--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size} x '
-                         f'{d.world} processes')
+    accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
     lr = args.blr * args.global_batch / 256
 
     dataset = image_dataset(args, scale=(0.2, 1.0), interpolation='bicubic')  # ref: RRC(0.2, 1, bicubic) + flip
@@ -270,18 +256,7 @@ def main(args):
                                   fused=True)  # fused: skips a non-finite step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
 
-    step, resume = 0, args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
-    if resume:
-        ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'], d)
-        step = ckpt['step']
-        if d.main:
-            print(f'resumed from {resume} at step {step}')
-    elif args.init:
-        load_weights(model, args.init)
+    step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
@@ -297,22 +272,12 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
 
-    def save(epoch_done):
-        states = rng_state(d)  # collective: every rank calls it
-        if not d.main:
-            return
-        ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states}
-        save_checkpoint(out / 'checkpoint.pth', ckpt)
-        if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
-            save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
-        visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
-        save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+    def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
+        if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
+            visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
+            save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, preempt = Logger(out, d.main), Preemption()
-    loss_sum, micro, skipped_files = torch.zeros((), device=d.device), 0, 0  # since the last log / since start
-    bad_total, bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
-    log_step, saved, stop = step, step, None
+    logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -331,39 +296,17 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(imgs, args.mask_ratio)
                 scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float()
-            micro, skipped_files = micro + 1, skipped_files + int(skipped.sum())  # skipped is a CPU tensor: no sync
+            logger.add(loss, skipped)  # kept on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
-            bad_total += bad
-            bad_run = (bad_run + 1) * bad
+            logger.stepped(bad)
             step += 1
-
-            if step % args.log_every == 0 or step == total_steps:
-                host = torch.tensor([micro, skipped_files, float(preempt.flag)], device=d.device)
-                summed = torch.cat([loss_sum[None], host])  # (4,): loss sum, micro-steps, skipped files, preempted
-                if d.world > 1:
-                    dist.all_reduce(summed)
-                dt, wait = logger.lap()
-                loss_avg, skipped_total = summed[0].item() / summed[1].item(), int(summed[2].item())
-                logger.log(dict(epoch=round(epoch + (it + 1) / iters_per_epoch, 4), step=step, total_steps=total_steps,
-                                loss=loss_avg, lr=optimizer.param_groups[0]['lr'],
-                                img_per_s=(step - log_step) * args.global_batch / dt, data_wait=wait / dt,
-                                mem_gb=torch.cuda.max_memory_allocated() / 2**30 if d.device.type == 'cuda' else 0.0,
-                                skipped=skipped_total, bad_steps=int(bad_total.item()),
-                                eta_s=dt / (step - log_step) * (total_steps - step)))
-                loss_sum, micro, log_step = torch.zeros_like(loss_sum), 0, step
-                if bad_run.item() >= args.max_bad_steps:
-                    stop = 'bad'
-                elif summed[3].item() > 0:
-                    stop = 'preempted'
+            if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
+                stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
+                                       optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
             if stop or step >= total_steps:
                 break
-        if stop == 'bad':
-            raise SystemExit(f'stopping: {args.max_bad_steps} steps in a row had a non-finite loss or gradient '
-                             f'(skipped). Resume from {out / "checkpoint.pth"} (the last good state); if it recurs, '
-                             f'try --amp bf16 or --amp none.')
         epoch_complete = step == (epoch + 1) * steps_per_epoch
         if epoch_complete and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             save(epoch + 1)
