@@ -4,6 +4,7 @@ Nothing here is the idea of a paper: masking, losses, targets and the training l
 Copy this file together with one method file and it runs.
 """
 import argparse
+import collections
 import dataclasses
 import inspect
 import json
@@ -581,8 +582,9 @@ def load_weights(model, path):
 
 
 def load_checkpoint(path):
-    """weights_only load; argparse.Namespace allowed because the reference checkpoints store their args in one."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """weights_only load. Reference checkpoints keep their configuration in an argparse.Namespace (MAE, BEiT) or a
+    yacs CfgNode (SimMIM); the latter is read as a plain OrderedDict, so yacs is not needed."""
+    with torch.serialization.safe_globals([argparse.Namespace, (collections.OrderedDict, 'yacs.config.CfgNode')]):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 

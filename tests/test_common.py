@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import pickle
+import sys
 import random
 from typing import Optional
 
@@ -951,6 +952,27 @@ def test_load_checkpoint_is_weights_only(tmp_path):
     save_checkpoint(tmp_path / 'evil.pth', {'x': _Arbitrary()})
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / 'evil.pth')
+
+
+def test_load_checkpoint_reads_a_yacs_config_without_yacs(tmp_path, monkeypatch):
+    # SimMIM's checkpoints store 'config' as a yacs CfgNode (a dict subclass with attributes); yacs is not installed
+    import types
+    pkg, mod = types.ModuleType('yacs'), types.ModuleType('yacs.config')
+
+    class CfgNode(dict):
+        def __init__(self, d=None):
+            super().__init__(d or {})
+            self.__dict__['_immutable'] = True
+    CfgNode.__module__, CfgNode.__qualname__ = 'yacs.config', 'CfgNode'
+    mod.CfgNode, pkg.config = CfgNode, mod
+    monkeypatch.setitem(sys.modules, 'yacs', pkg)
+    monkeypatch.setitem(sys.modules, 'yacs.config', mod)
+    torch.save({'model': {'w': torch.ones(2)}, 'config': CfgNode({'DATA': CfgNode({'IMG_SIZE': 192})})},
+               tmp_path / 'simmim.pth')
+    monkeypatch.delitem(sys.modules, 'yacs.config')
+    monkeypatch.delitem(sys.modules, 'yacs')
+    got = load_checkpoint(tmp_path / 'simmim.pth')
+    assert torch.equal(got['model']['w'], torch.ones(2)) and got['config']['DATA']['IMG_SIZE'] == 192
 
 
 class _Small(nn.Module):
