@@ -94,7 +94,7 @@ MODELS = {
 }
 RECIPES = {  # ref configs: swin_base 100ep (cosine) and vit_base 800ep (multistep), lrs per 512 images
     'cosine': dict(blr=2e-4, warmup_lr=1e-6, min_lr=1e-5),
-    'multistep': dict(blr=1e-4, warmup_lr=5e-7, min_lr=1e-5),
+    'multistep': dict(blr=1e-4, warmup_lr=5e-7, min_lr=5e-6),  # min_lr unused (ref config.py default)
 }
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), mask_patch_size=16, batch_size=64,
             global_batch=64, epochs=6, warmup_epochs=1, lr_schedule='cosine', blr=4e-3, warmup_lr=1e-5,
@@ -186,14 +186,14 @@ class WindowAttention(Attention):
 
     def forward(self, x, mask=None):  # x (B, nW, N, C); mask (nW, N, N) additive or None
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (B, nW, heads, N, C/heads)
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, C/heads)
+        q, k, v = qkv.reshape(3, B, nW * h, N, C // h)  # windows x heads as SDPA's head axis: a 4-D fused kernel
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
-        bias = bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
-        if mask is not None:
-            bias = bias + mask[:, None]  # (nW, heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nW, heads, N, C/heads)
-        return self.proj(x.transpose(2, 3).reshape(B, nW, N, C))  # (B, nW, N, C)
+        bias = bias.view(N, N, h).permute(2, 0, 1)  # (heads, N, N)
+        bias = bias + mask[:, None] if mask is not None else bias.expand(nW, h, N, N)  # (nW, heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * h, N, N).to(q.dtype))
+        return self.proj(x.view(B, nW, h, N, C // h).transpose(2, 3).reshape(B, nW, N, C))  # (B, nW, N, C)
 
 
 class SwinBlock(nn.Module):
