@@ -293,6 +293,14 @@ class SwinForSimMIM(nn.Module):
 # --------------------------------------------------------------------------- ViT encoder (BEiT-style, ref vision_transformer.py)
 
 
+@torch.no_grad()
+def trunc_normal_1sigma(t, std=0.02):
+    """Normal(0, std) truncated at +-std, by the inverse CDF as timm does (torch's rejection sampler takes seconds
+    for ViT-B): u uniform on [Phi(-1), Phi(1)], x = std sqrt(2) erfinv(2u - 1)."""
+    edge = math.erf(1 / math.sqrt(2))  # 2 Phi(1) - 1
+    return t.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2)).clamp_(-std, std)
+
+
 class ViTForSimMIM(nn.Module):
     """VisionTransformerForSimMIM: q/v biases, layer scale 0.1, one shared relative position bias, no absolute
     positions, final norm kept, cls dropped at the output -> (B, D, H/16, W/16)."""
@@ -309,7 +317,7 @@ class ViTForSimMIM(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.num_features, self.stride = dim, patch
         # ref: _trunc_normal_ is overridden to cut at +-1 std, and dynamic dispatch applies that to every init
-        tn = lambda t: nn.init.trunc_normal_(t, std=0.02, a=-0.02, b=0.02)  # noqa: E731
+        tn = trunc_normal_1sigma
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 tn(m.weight)
@@ -368,11 +376,10 @@ def simmim_loss(imgs, x_rec, mask, p):
 
 
 def no_decay_names(model):
-    """ref optimizer.py: 1-D and '.bias' always; Swin adds mask_token and every relative_position_bias_table
-    (keyword), ViT only cls_token (and pos_embed, absent here): its mask_token and shared table are decayed."""
-    if isinstance(model.encoder, SwinForSimMIM):
-        return {n for n, _ in model.named_parameters() if 'relative_position_bias_table' in n} | {'encoder.mask_token'}
-    return {'encoder.cls_token'}
+    """ref optimizer.py + no_weight_decay(): besides 1-D and '.bias' params, Swin skips encoder.mask_token, ViT
+    encoder.cls_token. Swin's relative_position_bias_table keyword is prefixed to 'encoder.relative_position_bias_
+    table', which no parameter name contains, so in the reference's pretraining the tables ARE decayed (kept)."""
+    return {'encoder.mask_token'} if isinstance(model.encoder, SwinForSimMIM) else {'encoder.cls_token'}
 
 
 def encoder_state_dict(model):
@@ -409,14 +416,16 @@ def main(args):
     args = resolve(args)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
     H, W = pair(args.input_size)
-    model = build_model(args.model, (H, W), args.in_chans, args.drop_path).to(d.device)
-    patch, stride = model.encoder.patch_embed.patch_size, model.encoder.stride
+    m = MODELS[args.model]
+    patch = m['patch']
+    stride = patch * 2 ** (len(m['depths']) - 1) if m['kind'] == 'swin' else patch  # the head's PixelShuffle factor
     if H % stride or W % stride or H % args.mask_patch_size or W % args.mask_patch_size \
             or args.mask_patch_size % patch:
         raise SystemExit(f'--input_size {H} {W} must be a multiple of the encoder stride {stride} and of '
                          f'--mask_patch_size {args.mask_patch_size}, itself a multiple of the patch size {patch}')
     if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
         raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+    model = build_model(args.model, (H, W), args.in_chans, args.drop_path).to(d.device)
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch; lrs scaled per 512 (ref)
     lr, warmup_lr, min_lr = (v * args.global_batch / 512 for v in (args.blr, args.warmup_lr, args.min_lr))
