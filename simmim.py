@@ -262,7 +262,7 @@ class SwinForSimMIM(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch, in_chans, dim)
         self.patch_embed.norm = nn.LayerNorm(dim)  # ref patch_norm=True: part of the patch embedding
-        gh, gw = self.grid = self.patch_embed.grid_size
+        gh, gw = self.patch_embed.grid_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()  # stochastic depth grows linearly with depth
         self.layers = nn.ModuleList(
@@ -270,6 +270,7 @@ class SwinForSimMIM(nn.Module):
                       downsample=i < len(depths) - 1) for i, (d, h) in enumerate(zip(depths, heads)))
         self.num_features = dim * 2 ** (len(depths) - 1)
         self.stride = patch * 2 ** (len(depths) - 1)
+        self.out_grid = (gh // 2 ** (len(depths) - 1), gw // 2 ** (len(depths) - 1))  # H/32 x W/32 for 4 stages
         self.norm = nn.LayerNorm(self.num_features)
         for m in self.modules():  # ref _init_weights: timm trunc_normal_(std .02) with absolute bounds +-2
             if isinstance(m, nn.Linear):
@@ -281,14 +282,13 @@ class SwinForSimMIM(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # the patch-embed conv keeps PyTorch's default init
 
     def forward(self, x, mask):
-        gh, gw = self.grid
         x = self.patch_embed.norm(self.patch_embed(x))  # (B, N, C)
         w = mask.flatten(1).unsqueeze(-1).type_as(x)  # (B, N, 1)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked tokens replaced before anything else
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # (B, N/64, 8C)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, gh // 8, gw // 8)  # (B, 8C, H/32, W/32)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *self.out_grid)  # (B, 8C, H/32, W/32)
 
 # --------------------------------------------------------------------------- ViT encoder (BEiT-style, ref vision_transformer.py)
 

@@ -414,7 +414,7 @@ def swin_explicit(enc, imgs, mask):
     for layer in enc.layers:
         x = layer(x)
     x = enc.norm(x)
-    gh, gw = enc.grid
+    gh, gw = enc.patch_embed.grid_size
     return x.transpose(1, 2).reshape(x.shape[0], -1, gh // 8, gw // 8)
 
 
