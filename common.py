@@ -569,7 +569,7 @@ def load_weights(model, path):
     """--init: start from weights (our checkpoint or a reference release). Keys as the reference names them;
     'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out."""
     ckpt = load_checkpoint(path)
-    sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
+    sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt.get('module', ckpt)).items()}
     own = model.state_dict()
     shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     res = model.load_state_dict({k: v for k, v in sd.items() if k not in shape_mismatch}, strict=False)
