@@ -126,7 +126,7 @@ def lr_at(epoch, lr, warmup_lr, min_lr, args):
         return lr * 0.1 ** sum(epoch >= m for m in args.milestones)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
 
-# --------------------------------------------------------------------------- masking (paper Sec. 3.1, ref MaskGenerator)
+# ---------------------------------------------------------------- masking (paper Sec. 3.1, ref MaskGenerator)
 
 
 def block_mask(B, input_size, mask_patch, model_patch, mask_ratio, device, generator=None):
@@ -141,7 +141,7 @@ def block_mask(B, input_size, mask_patch, model_patch, mask_ratio, device, gener
     s = mask_patch // model_patch
     return mask.view(B, rh, rw).repeat_interleave(s, 1).repeat_interleave(s, 2)  # (B, H/p, W/p)
 
-# --------------------------------------------------------------------------- Swin Transformer (Liu et al., 2103.14030)
+# ---------------------------------------------------------------- Swin Transformer (Liu et al., 2103.14030)
 
 
 def window_partition(x, ws):
@@ -256,7 +256,8 @@ class SwinStage(nn.Module):
 
 
 class SwinForSimMIM(nn.Module):
-    """SwinTransformerForSimMIM: patch embed + its LayerNorm, mask tokens, 4 stages, final norm -> (B, 8C, H/32, W/32)."""
+    """SwinTransformerForSimMIM: patch embed + its LayerNorm, mask tokens, 4 stages, final norm ->
+    (B, 8C, H/32, W/32)."""
 
     def __init__(self, img_size, patch, dim, depths, heads, window, in_chans=3, drop_path=0.0):
         super().__init__()
@@ -265,8 +266,9 @@ class SwinForSimMIM(nn.Module):
         gh, gw = self.patch_embed.grid_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()  # stochastic depth grows linearly with depth
+        starts = [sum(depths[:i]) for i in range(len(depths) + 1)]
         self.layers = nn.ModuleList(
-            SwinStage(dim * 2 ** i, (gh // 2 ** i, gw // 2 ** i), d, h, window, dpr[sum(depths[:i]):sum(depths[:i + 1])],
+            SwinStage(dim * 2 ** i, (gh // 2 ** i, gw // 2 ** i), d, h, window, dpr[starts[i]:starts[i + 1]],
                       downsample=i < len(depths) - 1) for i, (d, h) in enumerate(zip(depths, heads)))
         self.num_features = dim * 2 ** (len(depths) - 1)
         self.stride = patch * 2 ** (len(depths) - 1)
@@ -290,7 +292,7 @@ class SwinForSimMIM(nn.Module):
         x = self.norm(x)  # (B, N/64, 8C)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *self.out_grid)  # (B, 8C, H/32, W/32)
 
-# --------------------------------------------------------------------------- ViT encoder (BEiT-style, ref vision_transformer.py)
+# ---------------------------------------------------------------- ViT encoder (BEiT-style, ref vision_transformer.py)
 
 
 @torch.no_grad()
@@ -446,7 +448,9 @@ def main(args):
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+        # constant buffers (index tables, window masks): no per-step broadcast (ref broadcast_buffers=False)
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
+                                                  broadcast_buffers=False)
 
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
@@ -478,7 +482,7 @@ def main(args):
             imgs, _, skipped = next(batches)
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
-            mask = block_mask(imgs.shape[0], (H, W), args.mask_patch_size, patch, args.mask_ratio, d.device)  # (B, h, w)
+            mask = block_mask(imgs.shape[0], (H, W), args.mask_patch_size, patch, args.mask_ratio, d.device)  # (B,h,w)
             if it % accum == 0:
                 for g in optimizer.param_groups:
                     g['lr'] = lr_at(epoch + it / iters_per_epoch, lr, warmup_lr, min_lr, args)

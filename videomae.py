@@ -454,7 +454,9 @@ def main(args):
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+        # constant buffers (position tables, mean/std): no per-step broadcast
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
+                                                  broadcast_buffers=False)
 
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
