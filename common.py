@@ -596,8 +596,8 @@ class Logger:
     micro-steps, skipped files and the run of non-finite steps. `log_step` agrees across ranks on the averages and on
     preemption (one all-reduce), prints one line and appends the same record to output_dir/log.jsonl (rank 0)."""
 
-    def __init__(self, output_dir, d, step):
-        self.d, self.path, self.last_step = d, Path(output_dir) / 'log.jsonl', step
+    def __init__(self, output_dir, d, step, unit='img'):
+        self.d, self.path, self.last_step, self.unit = d, Path(output_dir) / 'log.jsonl', step, unit
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
         self.loss_sum, self.micro, self.skipped = torch.zeros((), device=d.device), 0, 0
         self.bad_total, self.bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
@@ -628,7 +628,7 @@ class Logger:
         if self.d.main:
             eta = rec['eta_s']
             print(f"ep {rec['epoch']} step {step}/{total_steps} loss {rec['loss']:.4f} lr {lr:.3g} "
-                  f"{rec['img_per_s']:.1f} img/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
+                  f"{rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
                   f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
                   f"{int(eta % 60):02d}", flush=True)
             with open(self.path, 'a') as f:
