@@ -3,12 +3,10 @@ bad input, custom data options, --init and the non-finite guard. Every run is ti
 import argparse
 import json
 import math
-import os
 import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,9 +16,10 @@ import torch
 from PIL import Image
 
 import common
+from clitools import REPO, assert_same, load, ok, read_log, run_script
+from clitools import env as _env
 import mae
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'tiny', '--input_size', '32', '--num_workers', '0', '--warmup_epochs', '1', '--log_every', '1']
 D, DEPTH, DEC_DEPTH = 128, 4, 2  # tiny preset: patch 8, D 128, depth 4, decoder depth 2
 
@@ -28,47 +27,8 @@ D, DEPTH, DEC_DEPTH = 128, 4, 2  # tiny preset: patch 8, D 128, depth 4, decoder
 # --------------------------------------------------------------------------- helpers
 
 
-def _env(threads=1):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
-    return env
-
-
 def run_mae(*args, timeout=120):
-    args = [str(a) for a in args]
-    return subprocess.run([sys.executable, 'mae.py', *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def ok(res):
-    assert res.returncode == 0, f'exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}'
-    return res
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines() if line.strip()]
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same(a, b, where='state'):
-    """Recursive exact equality of (nested) state dicts: tensors with torch.equal, everything else with ==."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f'{where}: max diff {(a.double() - b.double()).abs().max().item()}'
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f'{where}: keys {set(a) ^ set(b)}'
-        for k in a:
-            assert_same(a[k], b[k], f'{where}.{k}')
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, f'{where}: {a!r} != {b!r}'
+    return run_script('mae.py', *args, timeout=timeout)
 
 
 def timm_vit_keys(depth):
@@ -318,6 +278,7 @@ def torchrun(script, *args, timeout=180):
 
 
 GRAD_SCRIPT = '''
+import os
 import sys
 import torch
 import torch.distributed as dist

@@ -1,0 +1,54 @@
+"""Helpers shared by the command-line tests (test_*_cli.py): run a method file in a subprocess, read its outputs,
+compare saved states exactly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env(threads=1):
+    """The current environment without torchrun's variables (a test's subprocess is a single process)."""
+    e = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
+                                                          'MASTER_PORT')}
+    e.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+    return e
+
+
+def run_script(script, *args, timeout=120):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(res):
+    assert res.returncode == 0, f'exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}'
+    return res
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines() if line.strip()]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same(a, b, where='state'):
+    """Recursive exact equality of (nested) state dicts: tensors with torch.equal, everything else with ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f'{where}: max diff {(a.double() - b.double()).abs().max().item()}'
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f'{where}: keys {set(a) ^ set(b)}'
+        for k in a:
+            assert_same(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'
