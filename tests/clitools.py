@@ -2,8 +2,10 @@
 compare saved states exactly."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,3 +54,25 @@ def assert_same(a, b, where='state'):
             assert_same(x, y, f'{where}[{i}]')
     else:
         assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+def run_and_preempt(script, args, out, tmp_path, after_lines=2):
+    """Start a training run, send SIGTERM once log.jsonl has `after_lines` lines, wait for the exit.
+    Returns (exit code, stdout, stderr)."""
+    with open(tmp_path / 'stdout', 'w') as so, open(tmp_path / 'stderr', 'w') as se:
+        p = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, env=env(), stdout=so, stderr=se)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline and p.poll() is None:
+                log = Path(out) / 'log.jsonl'
+                if log.exists() and len(log.read_text().splitlines()) >= after_lines:
+                    break
+                time.sleep(0.02)
+            assert p.poll() is None, 'the run ended before it could be preempted'
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return rc, (tmp_path / 'stdout').read_text(), (tmp_path / 'stderr').read_text()

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 import common
-from clitools import REPO, assert_same, load, ok, read_log, run_script
+from clitools import REPO, assert_same, load, ok, read_log, run_and_preempt, run_script
 from clitools import env as _env
 import mae
 
@@ -374,23 +373,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     out = tmp_path / 'out'
     cmd = [*TINY, '--data', 'synthetic:32', '--batch_size', 8, '--global_batch', 8, '--epochs', 200, '--output_dir',
            out]
-    with open(tmp_path / 'stdout', 'w') as so, open(tmp_path / 'stderr', 'w') as se:
-        p = subprocess.Popen([sys.executable, 'mae.py', *map(str, cmd)], cwd=REPO, env=_env(), stdout=so, stderr=se)
-        try:
-            deadline = time.time() + 90
-            while time.time() < deadline and p.poll() is None:
-                log = out / 'log.jsonl'
-                if log.exists() and len(log.read_text().splitlines()) >= 2:
-                    break
-                time.sleep(0.02)
-            assert p.poll() is None, 'the run ended before it could be preempted'
-            p.send_signal(signal.SIGTERM)
-            rc = p.wait(timeout=60)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    stdout, stderr = (tmp_path / 'stdout').read_text(), (tmp_path / 'stderr').read_text()
+    rc, stdout, stderr = run_and_preempt('mae.py', cmd, out, tmp_path)
     assert rc == 0, stderr[-3000:]
     m = re.search(r'preempted at step (\d+)', stdout)
     assert m, stdout[-2000:]
