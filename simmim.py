@@ -21,6 +21,9 @@ Deviations from the reference:
   `ckpt_epoch_<epoch>.pth`, 0-based); their 'model' keys are the reference's, so they load both ways.
 - The head predicts `in_chans` channels (reference: always 3) and the grid may be non-square (reference: square).
 - Sizes whose stage resolutions do not split into whole windows stop with a message (reference: an assert).
+- AdamW is torch's fused kernel (same update up to rounding), so a non-finite step is skipped without a host sync.
+- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
+  `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
 """
 import dataclasses
 import json
