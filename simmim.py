@@ -5,7 +5,7 @@ main_simmim.py, optimizer.py, lr_scheduler.py, configs/). The encoder sees every
 learned mask token right after the patch embedding. A one-layer head (1x1 conv + PixelShuffle) regresses the raw
 pixels, and an L1 loss counts only the masked area. Unlike MAE this works for hierarchical encoders such as Swin.
 
-    python simmim.py --demo                                        # tiny Swin, synthetic images, CPU, ~1 min
+    python simmim.py --demo                                        # tiny Swin, synthetic images, CPU, ~1.5 min
     torchrun --nproc_per_node=8 simmim.py --data imagenet/         # Swin-B/192, window 6, 100-epoch recipe
     torchrun --nproc_per_node=8 simmim.py --data imagenet/ --model vit_base   # ViT-B/16 at 224, 800 epochs
 
