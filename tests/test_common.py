@@ -1154,3 +1154,39 @@ def test_normalize(shape):
     for c in range(3):
         torch.testing.assert_close(y[:, c], (x[:, c].float() / 255 - mean[c]) / std[c])
     assert common.IMAGENET_MEAN == mean and common.IMAGENET_STD == std
+
+
+# =========================================================================== the loop's bookkeeping
+
+
+def test_logger_averages_counts_and_stops(tmp_path):
+    import signal
+    from types import SimpleNamespace
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        d = SimpleNamespace(world=1, rank=0, device=torch.device('cpu'), main=True)
+        log = common.Logger(tmp_path, d, step=10, unit='clip')
+        for loss, skipped in [(1.0, 0), (3.0, 2), (5.0, 1)]:  # three micro-steps, 3 files skipped
+            log.add(torch.tensor(loss), torch.tensor([skipped]))
+        log.stepped(torch.tensor(False))
+        assert log.log_step(epoch=1.5, step=11, total_steps=20, lr=0.1, global_batch=8, max_bad_steps=2) is None
+        rec = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[-1])
+        assert rec['loss'] == pytest.approx(3.0) and rec['skipped'] == 3 and rec['step'] == 11 and rec['lr'] == 0.1
+        assert rec['bad_steps'] == 0 and rec['img_per_s'] > 0
+        # the averages restart after a log step; the skipped-file count is a running total
+        log.add(torch.tensor(7.0), torch.tensor([0]))
+        log.stepped(torch.tensor(True))  # one non-finite step: counted, the run goes on
+        assert log.log_step(1.6, 12, 20, 0.1, 8, max_bad_steps=2) is None
+        rec = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[-1])
+        assert rec['loss'] == pytest.approx(7.0) and rec['skipped'] == 3 and rec['bad_steps'] == 1
+        log.add(torch.tensor(float('nan')), torch.tensor([0]))
+        log.stepped(torch.tensor(True))  # the second in a row: stop, pointing at the checkpoint
+        with pytest.raises(SystemExit, match='2 steps in a row'):
+            log.log_step(1.7, 13, 20, 0.1, 8, max_bad_steps=2)
+        log.add(torch.tensor(1.0), torch.tensor([0]))
+        log.stepped(torch.tensor(False))  # a good step resets the run of bad ones
+        log.preempt.flag = True
+        assert log.log_step(1.8, 14, 20, 0.1, 8, max_bad_steps=2) == 'preempted'
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
