@@ -1,7 +1,24 @@
 import os
+import signal
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+
+@pytest.fixture
+def restore_signals():
+    """main() installs SIGTERM/SIGUSR1 handlers; put pytest's back after in-process runs. One intra-op thread
+    meanwhile: spinning OpenMP threads make tiny models very slow when another process shares the cores."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for s, h in saved.items():
+        signal.signal(s, h)

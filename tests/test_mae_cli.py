@@ -4,7 +4,6 @@ import argparse
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,18 +67,6 @@ def write_images(folder, n, seed=0, classes=('cat', 'dog')):
             img.save(d / f'img{i:03d}.png')
     return Path(folder)
 
-
-@pytest.fixture
-def restore_signals():
-    """main() installs SIGTERM/SIGUSR1 handlers; put pytest's back after in-process runs. One intra-op thread
-    meanwhile: spinning OpenMP threads make tiny models ~100x slower when another process shares the cores."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 @pytest.fixture(scope='module')

@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,18 +105,6 @@ def check_encoder(out, ckpt):
         assert torch.equal(v, ckpt['model']['encoder.' + k]), k
     return enc
 
-
-@pytest.fixture
-def restore_signals():
-    """main() installs SIGTERM/SIGUSR1 handlers; put pytest's back after in-process runs. One intra-op thread
-    meanwhile (tiny models are much slower with spinning OpenMP threads on shared cores)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 # tiny Swin, 16 synthetic images, 2 per micro-batch x 2 accumulation = 4: 4 optimizer steps per epoch

@@ -4,7 +4,6 @@ preset, 32 px, 4 frames, CPU)."""
 import argparse
 import math
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,18 +69,6 @@ def write_videos(root, seed=0, n_per_class=5, classes=('walk', 'run')):
         frames[0].save(Path(root) / cls / 'clip.gif', save_all=True, append_images=frames[1:], duration=40)
     return Path(root)
 
-
-@pytest.fixture
-def restore_signals():
-    """main() installs SIGTERM/SIGUSR1 handlers; put pytest's back after in-process runs. One intra-op thread
-    meanwhile: spinning OpenMP threads make tiny models very slow when another process shares the cores."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 @pytest.fixture(scope='module')
