@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import typing
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -219,6 +220,45 @@ def parse_args(Args, argv=None, demo=None):
     return args
 
 
+# Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
+POSITIVE = ('batch_size', 'global_batch', 'epochs', 'input_size', 'log_every', 'save_every', 'keep_every',
+            'max_bad_steps', 'blr', 'std')
+NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps')
+BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
+
+
+def check_args(args, models, positive=(), non_negative=()):
+    """Stop at start, with one line, on a value the run cannot use: unknown --model/--amp, zero or negative sizes and
+    counts (the shared ones above plus the method's own), --in_chans other than 1 or 3, --mean/--std of the wrong
+    length. Fields an Args does not have are not checked."""
+    if args.model not in models:
+        raise SystemExit(f'--model {args.model} is not one of {", ".join(models)}')
+    if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):
+        raise SystemExit(f'--amp {args.amp} is not one of bf16, fp16, none')
+    for names, ok, what in ((POSITIVE + tuple(positive), lambda v: v > 0, 'greater than 0'),
+                            (NON_NEGATIVE + tuple(non_negative), lambda v: v >= 0, '0 or more'),
+                            (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)')):
+        for name in names:
+            value = getattr(args, name, None)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if value is not None and not all(ok(v) for v in values):
+                raise SystemExit(f'--{name} {" ".join(map(str, values))}: must be {what}')
+    if args.in_chans not in (1, 3):
+        raise SystemExit(f'--in_chans {args.in_chans}: images are read as RGB (3) or grayscale (1)')
+    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
+        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+
+
+def check_mask_ratio(ratio, n_hidden, n, unit, all_ok=False):
+    """The method hides `n_hidden` of `n` units at --mask_ratio `ratio` (by its own rounding rule): at least one must
+    be hidden and, unless `all_ok`, at least one left visible; otherwise stop with the valid range."""
+    top = n if all_ok else n - 1
+    if not (0 < ratio <= 1 and 1 <= n_hidden <= top):
+        hides = f'hides {n_hidden} of {n} {unit}' if 0 < ratio <= 1 else f'is outside (0, {1 if all_ok else "1)"}'
+        raise SystemExit(f'--mask_ratio {ratio} {hides}: give 0 < ratio {"<= 1" if all_ok else "< 1"} that hides '
+                         f'1 to {top} of the {n} {unit}')
+
+
 # --------------------------------------------------------------------------- distributed
 
 
@@ -237,11 +277,19 @@ def init_distributed():
 def setup_run(args):
     """The process group, per-rank seeds (data and masks differ across ranks), the output folder and TF32 matmuls
     on CUDA. Returns (d, output_dir)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f'--output_dir {out} is a file, not a folder')
+    try:  # every rank checks (they may be on different nodes); a shared folder is what resume needs
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write_test_{os.environ.get("RANK", 0)}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f'--output_dir {out} cannot be written: {e.strerror or e}') from None
     d = init_distributed()
     torch.manual_seed(args.seed + d.rank)
     random.seed(args.seed + d.rank)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if d.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -257,12 +305,27 @@ def amp_setup(amp, device):
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 (schedulers' preemption notice) set a flag; the loop saves and exits at the next check."""
+    """SIGTERM/SIGUSR1 (schedulers' preemption notice) and Ctrl-C set a flag; the loop saves at the next log step and
+    exits 0. A second Ctrl-C stops at once, without saving. Loader workers ignore these signals (`ignore_signals`), so
+    a signal to the whole process group (timeout, scancel, Ctrl-C) reaches the main process alone."""
 
     def __init__(self):
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, lambda *_: setattr(self, 'flag', True))
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, sig, frame):
+        if sig == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            print('interrupted: saving at the next log step (Ctrl-C again stops without saving)', file=sys.stderr)
+        self.flag = True
+
+
+def ignore_signals(worker_id=None):
+    """DataLoader workers leave SIGTERM/SIGINT/SIGUSR1 to the main process, which saves and then shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- data
@@ -305,9 +368,8 @@ def random_resized_crop_params(W, H, scale, ratio, rng):
 class ImageFiles(torch.utils.data.Dataset):
     """Images under `root` (its `train/` if present), found recursively, class subfolders optional.
 
-    Items are (uint8 (C, H, W) tensor, label, n_skipped): RandomResizedCrop + optional flip, with the randomness a
-    pure function of (seed, epoch, index) so a resumed run sees the same crops. An unreadable file is skipped (the
-    next file is used instead) and counted in n_skipped; normalisation happens on the device."""
+    Items are (uint8 (C, H, W) tensor, label, bad) as `read_or_next` makes them: RandomResizedCrop + optional flip,
+    an unreadable file replaced by the next one; normalisation happens on the device."""
 
     def __init__(self, root, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic', flip=True,
                  in_chans=3, seed=0):
@@ -324,7 +386,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.labels = [cls_idx.get(p.relative_to(root).parts[0], 0) for p in self.files]
         self.size, self.scale, self.ratio, self.flip = pair(size), scale, ratio, flip
         self.resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'lanczos': Image.LANCZOS}[interpolation]
-        self.in_chans, self.seed = in_chans, seed
+        self.in_chans, self.seed, self.warned = in_chans, seed, set()
 
     def __len__(self):
         return len(self.files)
@@ -344,19 +406,42 @@ class ImageFiles(torch.utils.data.Dataset):
         return x.flip(-1) if self.flip and rng.random() < 0.5 else x
 
     def __getitem__(self, key):
-        epoch, idx = key if isinstance(key, tuple) else (0, key)
-        for skipped in range(len(self.files)):
-            i = (idx + skipped) % len(self.files)
-            try:
-                return self.load(i, random.Random(f'{self.seed}-{epoch}-{i}')), self.labels[i], skipped
-            except Exception as e:  # unreadable: warn, use the next file, count it
-                print(f'warning: skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
-        raise RuntimeError('no readable image in the dataset')
+        return read_or_next(self, key, 'image')
+
+
+def read_or_next(dataset, key, what):
+    """An item of a file dataset (`files`, `labels`, `seed`, `warned`, `load(i, rng)`): (x, label, bad). When the keyed file
+    cannot be read the next readable one stands in (warned once per file and process), and `bad` is the keyed
+    file's index (else -1), so the loop counts each unreadable file once however often it is met. The randomness is
+    a pure function of (seed, epoch, index), so a resumed run sees the same crops."""
+    epoch, idx = key if isinstance(key, tuple) else (0, key)
+    n, warned = len(dataset.files), dataset.warned
+    for k in range(n):
+        i = (idx + k) % n
+        try:
+            return dataset.load(i, random.Random(f'{dataset.seed}-{epoch}-{i}')), dataset.labels[i], idx if k else -1
+        except Exception as e:  # unreadable: warn, use the next file
+            if i not in warned:
+                warned.add(i)
+                print(f'warning: skipping unreadable {what} {dataset.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
+    raise RuntimeError(f'no readable {what} among the {n}')
+
+
+def check_readable(dataset, what):
+    """At start: stop with one line when no file of the dataset can be read (reads files until one can)."""
+    first = None
+    for i in range(len(dataset.files)):
+        try:
+            dataset.load(i, random.Random(0))
+            return
+        except Exception as e:
+            first = first or f'{dataset.files[i]}: {type(e).__name__}: {e}'
+    raise SystemExit(f'0 of {len(dataset.files)} {what} files could be read; first error: {first}')
 
 
 class SyntheticImages(torch.utils.data.Dataset):
     """Deterministic procedural images (gradient background, striped texture, 1-3 shapes) with a class label
-    (the shape of the largest one). Same (uint8 tensor, label, 0) items as `ImageFiles`; any size, no files."""
+    (the shape of the largest one). Same (uint8 tensor, label, bad = -1) items as `ImageFiles`; any size, no files."""
 
     def __init__(self, n, size, in_chans=3, seed=0):
         self.n, self.size, self.in_chans, self.seed = n, pair(size), in_chans, seed
@@ -388,7 +473,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         img = (np.clip(img, 0, 1) * 255).astype(np.uint8)  # (H, W, 3)
         if self.in_chans == 1:
             img = img.mean(-1, keepdims=True).astype(np.uint8)
-        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), int(max(areas)[1]), 0  # (C, H, W)
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), int(max(areas)[1]), -1  # (C, H, W)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -418,8 +503,10 @@ def image_dataset(args, scale, interpolation, flip=True):
     if args.data.startswith('synthetic'):
         n = int(args.data.split(':')[1]) if ':' in args.data else 10000
         return SyntheticImages(n, args.input_size, args.in_chans, args.seed)
-    return ImageFiles(args.data, args.input_size, scale, interpolation=interpolation, flip=flip,
-                      in_chans=args.in_chans, seed=args.seed)
+    dataset = ImageFiles(args.data, args.input_size, scale, interpolation=interpolation, flip=flip,
+                         in_chans=args.in_chans, seed=args.seed)
+    check_readable(dataset, 'image')
+    return dataset
 
 
 def make_loader(dataset, batch_size, num_workers, d, seed):
@@ -428,7 +515,7 @@ def make_loader(dataset, batch_size, num_workers, d, seed):
         raise SystemExit(f'{len(dataset)} images over {d.world} process(es) do not fill one batch of {batch_size}')
     loader = torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-        pin_memory=d.device.type == 'cuda', persistent_workers=num_workers > 0,
+        pin_memory=d.device.type == 'cuda', persistent_workers=num_workers > 0, worker_init_fn=ignore_signals,
         generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
     return loader, sampler
 
@@ -523,17 +610,39 @@ def accumulation(args, d):
     return accum
 
 
+def method_name(args):
+    """The method file that defined `args` (mae.py, ...): recorded in checkpoints so another file refuses them."""
+    return Path(inspect.getfile(type(args))).name
+
+
 def resume(args, model, optimizer, scaler, d):
     """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by
-    itself); otherwise start from --init weights if given. Returns the optimizer step to continue from."""
+    itself); otherwise start from --init weights if given. Returns the optimizer step to continue from. A file
+    that is not this method's and model's training state stops the run with one line, and is left as it is."""
     last = Path(args.output_dir) / 'checkpoint.pth'
     path = args.resume or (last if last.exists() else None)
     if path is None:
         if args.init:
             load_weights(model, args.init)
         return 0
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt['model'])
+    flag = '--resume' if args.resume else 'resuming'
+    ckpt = load_checkpoint(path, flag)
+    if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'step'} <= set(ckpt):
+        raise SystemExit(f'{flag} {path}: not a training checkpoint of these files (no model/optimizer/step); to '
+                         f'start from its weights use --init {path}')
+    ours, theirs = method_name(args), ckpt.get('method')
+    saved_model = (ckpt.get('args') or {}).get('model')
+    if theirs and (theirs != ours or saved_model != args.model):
+        raise SystemExit(f'{flag} {path}: written by {theirs} --model {saved_model}, this is {ours} --model '
+                         f'{args.model}; resume with the same file and model, or give another --output_dir')
+    own = model.state_dict()
+    sd = ckpt['model'] if isinstance(ckpt['model'], dict) else {}
+    misfit = {'missing': sorted(set(own) - set(sd)), 'extra': sorted(set(sd) - set(own)),
+              'of another shape': [k for k in own if k in sd and own[k].shape != sd[k].shape]}
+    if any(misfit.values()):  # checked before loading, so the model is never half-loaded
+        raise SystemExit(f'{flag} {path}: its model does not fit {ours} --model {args.model}: ' + '; '.join(
+            f'{len(v)} {k}, e.g. {v[:2]}' for k, v in misfit.items() if v))
+    model.load_state_dict(sd)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], d)
@@ -550,7 +659,8 @@ def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch
         return False
     out = Path(args.output_dir)
     ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states}
+            'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states,
+            'method': method_name(args)}
     save_checkpoint(out / 'checkpoint.pth', ckpt)
     if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
         save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
@@ -581,11 +691,38 @@ def load_weights(model, path):
     return res
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag='--init'):
     """weights_only load. Reference checkpoints keep their configuration in an argparse.Namespace (MAE, BEiT) or a
-    yacs CfgNode (SimMIM); the latter is read as a plain OrderedDict, so yacs is not needed."""
-    with torch.serialization.safe_globals([argparse.Namespace, (collections.OrderedDict, 'yacs.config.CfgNode')]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+    yacs CfgNode (SimMIM); the latter is read as a plain OrderedDict, so yacs is not needed. A missing, truncated or
+    foreign file stops with one line that names it (`flag` says which option gave it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f'{flag} {path}: no such file')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, (collections.OrderedDict, 'yacs.config.CfgNode')]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'{flag} {path}: {checkpoint_problem(path, e)}') from None
+
+
+def checkpoint_problem(path, error):
+    """Why torch.load failed, in words: cut short, a pickle of Python objects (never run: it could execute code), or
+    not a checkpoint at all."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    size = path.stat().st_size
+    if size == 0:
+        return 'is empty (0 bytes)'
+    if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
+        return f'looks cut short ({size} bytes, the end of the archive is missing): an interrupted copy or save?'
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+    if found:
+        return (f'holds Python objects ({found.group(1)}), not only tensors; refused, since loading them could run '
+                f'code. Save its state_dict() instead')
+    said = f'{type(error).__name__}: {str(error).strip()}'.split('\n')[0][:120]
+    if head != b'PK\x03\x04':
+        return f'not a PyTorch checkpoint ({size} bytes; torch.load: {said})'
+    return f'cannot be read ({said})'
 
 
 # --------------------------------------------------------------------------- logging and pictures
@@ -599,13 +736,14 @@ class Logger:
     def __init__(self, output_dir, d, step, unit='img'):
         self.d, self.path, self.last_step, self.unit = d, Path(output_dir) / 'log.jsonl', step, unit
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
-        self.loss_sum, self.micro, self.skipped = torch.zeros((), device=d.device), 0, 0
+        self.loss_sum, self.micro, self.bad_files, self.new_bad = torch.zeros((), device=d.device), 0, set(), set()
         self.bad_total, self.bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
 
-    def add(self, loss, skipped):
-        """After each micro-step: its loss and the (CPU) count of files the loader skipped."""
+    def add(self, loss, bad):
+        """After each micro-step: its loss and the loader's (CPU) `bad` column: indices of unreadable files, else -1."""
         self.loss_sum += loss.detach().float()
-        self.micro, self.skipped = self.micro + 1, self.skipped + int(skipped.sum())
+        self.micro += 1
+        self.new_bad.update(bad[bad >= 0].tolist())
 
     def stepped(self, bad):
         """After each optimizer step: `bad` is optimizer_step's skipped flag (a device tensor)."""
@@ -614,16 +752,23 @@ class Logger:
 
     def log_step(self, epoch, step, total_steps, lr, global_batch, max_bad_steps):
         """Returns 'preempted' when any rank got SIGTERM/SIGUSR1; stops the run after max_bad_steps bad steps."""
-        host = torch.tensor([self.micro, self.skipped, float(self.preempt.flag)], device=self.d.device)
-        summed = torch.cat([self.loss_sum[None], host])  # (4,): loss sum, micro-steps, skipped files, preempted
+        host = torch.tensor([self.micro, len(self.new_bad), float(self.preempt.flag)], device=self.d.device)
+        summed = torch.cat([self.loss_sum[None], host])  # (4,): loss sum, micro-steps, new bad files, preempted
         if self.d.world > 1:
             dist.all_reduce(summed)
+        if summed[2].item() > 0:  # some rank met unreadable files: the union, so each counts once
+            found = [self.new_bad]
+            if self.d.world > 1:
+                found = [None] * self.d.world
+                dist.all_gather_object(found, self.new_bad)
+            self.bad_files.update(*found)
+            self.new_bad = set()
         now = time.perf_counter()
         dt, n = now - self.last, step - self.last_step
         rec = dict(epoch=round(epoch, 4), step=step, total_steps=total_steps, loss=summed[0].item() / summed[1].item(),
                    lr=lr, img_per_s=n * global_batch / dt, data_wait=self.wait / dt,
                    mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.d.device.type == 'cuda' else 0.0,
-                   skipped=int(summed[2].item()), bad_steps=int(self.bad_total.item()),
+                   skipped=len(self.bad_files), bad_steps=int(self.bad_total.item()),
                    eta_s=dt / max(n, 1) * (total_steps - step))
         if self.d.main:
             eta = rec['eta_s']

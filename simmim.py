@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Logger, Mlp, PatchEmbed, RelativePositionBias,
-                    accumulation, amp_setup, drop_path, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, resume, save_grid, save_loss_curve, save_training_state, setup_run,
-                    unwrap)
+                    accumulation, amp_setup, check_args, check_mask_ratio, drop_path, image_dataset, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -107,8 +107,8 @@ DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), mask_patch_si
 def resolve(args):
     """Fill the recipe fields left at None from the model preset and the schedule the reference uses for the
     chosen length."""
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none'):
-        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none')
+    if args.model not in MODELS:
+        raise SystemExit(f'--model {args.model} is not one of {", ".join(MODELS)}')
     m = MODELS[args.model]
     fill = dict(input_size=(m['img'],), epochs=m['epochs'], drop_path=m['drop_path'])
     args = dataclasses.replace(args, **{k: v for k, v in fill.items() if getattr(args, k) is None})
@@ -419,7 +419,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     args = resolve(args)
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
+    check_args(args, MODELS, positive=('mask_patch_size',), non_negative=('milestones',))  # one line, before any work
     H, W = pair(args.input_size)
     m = MODELS[args.model]
     patch = m['patch']
@@ -428,8 +428,9 @@ def main(args):
             or args.mask_patch_size % patch:
         raise SystemExit(f'--input_size {H} {W} must be a multiple of the encoder stride {stride} and of '
                          f'--mask_patch_size {args.mask_patch_size}, itself a multiple of the patch size {patch}')
-    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
-        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+    n_blocks = (H // args.mask_patch_size) * (W // args.mask_patch_size)
+    check_mask_ratio(args.mask_ratio, math.ceil(n_blocks * args.mask_ratio), n_blocks, 'blocks', all_ok=True)
+    d, out = setup_run(args)  # process group, seeds + rank, output folder
     model = build_model(args.model, (H, W), args.in_chans, args.drop_path).to(d.device)
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch; lrs scaled per 512 (ref)
@@ -457,7 +458,6 @@ def main(args):
 
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
-        n_blocks = (H // args.mask_patch_size) * (W // args.mask_patch_size)
         print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params, encoder stride '
               f'{stride}; mask {math.ceil(n_blocks * args.mask_ratio)} of {n_blocks} blocks of '
               f'{args.mask_patch_size} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')

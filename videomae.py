@@ -55,8 +55,9 @@ import torch.nn as nn
 from PIL import Image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger, PatchEmbed, accumulation, amp_setup,
-                    cosine_lr, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify,
-                    resume, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unpatchify, unwrap)
+                    check_args, check_mask_ratio, check_readable, cosine_lr, make_loader, normalize, optimizer_step,
+                    pair, param_groups, parse_args, patchify, read_or_next, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, to_mode, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -273,7 +274,7 @@ def multiscale_crop_params(W, H, out_size, rng, scales=(1, .875, .75, .66), max_
 class VideoFolders(torch.utils.data.Dataset):
     """Videos under `root` (its `train/` if present): every folder holding frame images and every .gif file, found
     recursively; labels from the first-level subfolder, else 0. Items are (uint8 (C, T, H, W) clip, label,
-    n_skipped): clip_indices over the frames in name order, one multi-scale crop for all frames, no flip; the
+    bad): clip_indices over the frames in name order, one multi-scale crop for all frames, no flip; the
     randomness is a pure function of (seed, epoch, index). A video with an unreadable frame is replaced by the next
     one and counted. Only folder paths are kept (a frame folder is listed when read): K400 has ~70M frames."""
 
@@ -282,30 +283,31 @@ class VideoFolders(torch.utils.data.Dataset):
         if not root.is_dir():
             raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
         root = root / 'train' if (root / 'train').is_dir() else root
-        self.videos, empty = [], []  # (path, is_gif)
+        self.files, empty = [], []  # frame folders and .gif files
         for dirpath, dirs, files in os.walk(root, followlinks=True):
-            gifs = [(os.path.join(dirpath, f), True) for f in files if f.lower().endswith('.gif')]
+            gifs = [os.path.join(dirpath, f) for f in files if f.lower().endswith('.gif')]
             if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-                self.videos.append((dirpath, False))
+                self.files.append(dirpath)
             elif not dirs and not gifs:
                 empty.append(dirpath)
-            self.videos += gifs
-        self.videos.sort()
-        if not self.videos:
+            self.files += gifs
+        self.files.sort()
+        if not self.files:
             raise SystemExit(f'no videos (folders of {", ".join(IMAGE_EXTENSIONS)} frames, or .gif) under {root}')
         if empty:
             print(f'warning: skipping {len(empty)} folder(s) without frames, e.g. {empty[0]}', file=sys.stderr)
-        rel = [Path(v).relative_to(root).parts for v, _ in self.videos]
+        rel = [Path(v).relative_to(root).parts for v in self.files]
         cls_idx = {c: i for i, c in enumerate(sorted({r[0] for r in rel if len(r) > 1}))}
         self.labels = [cls_idx[r[0]] if len(r) > 1 else 0 for r in rel]
-        self.num_frames, self.sampling_rate, self.size, self.in_chans, self.seed = (
-            num_frames, sampling_rate, pair(size), in_chans, seed)
+        self.num_frames, self.sampling_rate, self.size, self.in_chans, self.seed, self.warned = (
+            num_frames, sampling_rate, pair(size), in_chans, seed, set())
 
     def __len__(self):
-        return len(self.videos)
+        return len(self.files)
 
     def load(self, idx, rng):
-        path, is_gif = self.videos[idx]
+        path = self.files[idx]
+        is_gif = path.lower().endswith('.gif')
         gif = Image.open(path) if is_gif else None
         frames = None if is_gif else sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         ids = clip_indices(gif.n_frames if is_gif else len(frames), self.num_frames, self.sampling_rate, rng)
@@ -331,20 +333,12 @@ class VideoFolders(torch.utils.data.Dataset):
         return torch.from_numpy(clip).permute(3, 0, 1, 2)  # (C, T, H, W)
 
     def __getitem__(self, key):
-        epoch, idx = key if isinstance(key, tuple) else (0, key)
-        for skipped in range(len(self.videos)):
-            i = (idx + skipped) % len(self.videos)
-            try:
-                return self.load(i, random.Random(f'{self.seed}-{epoch}-{i}')), self.labels[i], skipped
-            except Exception as e:  # unreadable: warn, use the next video, count it
-                print(f'warning: skipping unreadable video {self.videos[i][0]}: {type(e).__name__}: {e}',
-                      file=sys.stderr)
-        raise RuntimeError('no readable video in the dataset')
+        return read_or_next(self, key, 'video')
 
 
 class SyntheticVideos(torch.utils.data.Dataset):
     """Deterministic moving shapes: 1-3 discs or squares of random colour moving at constant velocity over a
-    gradient background; label = number of shapes - 1. Same (uint8 (C, T, H, W), label, 0) items as VideoFolders."""
+    gradient background; label = number of shapes - 1. Same (uint8 (C, T, H, W), label, -1) items as VideoFolders."""
 
     def __init__(self, n, num_frames, size, in_chans=3, seed=0):
         self.n, self.num_frames, self.size, self.in_chans, self.seed = n, num_frames, pair(size), in_chans, seed
@@ -371,7 +365,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
         video = (np.clip(video, 0, 1) * 255).astype(np.uint8)  # (T, H, W, 3)
         if self.in_chans == 1:
             video = video.mean(-1, keepdims=True).astype(np.uint8)
-        return torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(), int(n_shapes - 1), 0  # (C, T, H, W)
+        return torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(), int(n_shapes - 1), -1  # (C, T, H, W)
 
 
 def video_dataset(args):
@@ -379,7 +373,9 @@ def video_dataset(args):
     if args.data.startswith('synthetic'):
         n = int(args.data.split(':')[1]) if ':' in args.data else 1000
         return SyntheticVideos(n, args.num_frames, args.input_size, args.in_chans, args.seed)
-    return VideoFolders(args.data, args.num_frames, args.sampling_rate, args.input_size, args.in_chans, args.seed)
+    dataset = VideoFolders(args.data, args.num_frames, args.sampling_rate, args.input_size, args.in_chans, args.seed)
+    check_readable(dataset, 'video')
+    return dataset
 
 
 # --------------------------------------------------------------------------- pictures
@@ -421,17 +417,16 @@ def visualize(model, videos, args, path, n_frames=4):
 
 
 def main(args):
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none'):
-        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none')
+    check_args(args, MODELS, positive=('num_frames', 'sampling_rate', 'tubelet'))  # one line and exit, before any work
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
     if args.num_frames % args.tubelet:
         raise SystemExit(f'--num_frames {args.num_frames} is not divisible by --tubelet {args.tubelet}')
-    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
-        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+    hw = (H // patch) * (W // patch)
+    check_mask_ratio(args.mask_ratio, int(args.mask_ratio * hw), hw, 'patches of each frame slice')  # as tube_masking
+    d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
     lr, warmup_lr, min_lr = (v * args.global_batch / 256 for v in (args.blr, args.warmup_lr, args.min_lr))  # ref

@@ -56,11 +56,14 @@ def assert_same(a, b, where='state'):
         assert a == b, f'{where}: {a!r} != {b!r}'
 
 
-def run_and_preempt(script, args, out, tmp_path, after_lines=2):
-    """Start a training run, send SIGTERM once log.jsonl has `after_lines` lines, wait for the exit.
+def run_and_preempt(script, args, out, tmp_path, after_lines=2, group=False, launcher=()):
+    """Start a training run, send SIGTERM once log.jsonl has `after_lines` lines, wait for the exit. `group`: the run
+    gets a process group of its own and the signal goes to the whole group (loader workers and, under a
+    `launcher` such as torchrun, every process), as timeout, Ctrl-C and SLURM's scancel send it.
     Returns (exit code, stdout, stderr)."""
     with open(tmp_path / 'stdout', 'w') as so, open(tmp_path / 'stderr', 'w') as se:
-        p = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, env=env(), stdout=so, stderr=se)
+        p = subprocess.Popen([*(launcher or [sys.executable]), script, *map(str, args)], cwd=REPO, env=env(),
+                             stdout=so, stderr=se, start_new_session=group)
         try:
             deadline = time.time() + 90
             while time.time() < deadline and p.poll() is None:
@@ -69,10 +72,10 @@ def run_and_preempt(script, args, out, tmp_path, after_lines=2):
                     break
                 time.sleep(0.02)
             assert p.poll() is None, 'the run ended before it could be preempted'
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM) if group else p.send_signal(signal.SIGTERM)
             rc = p.wait(timeout=60)
         finally:
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL) if group else p.kill()
                 p.wait()
     return rc, (tmp_path / 'stdout').read_text(), (tmp_path / 'stderr').read_text()

@@ -774,7 +774,7 @@ def test_resolve_presets():
     w = simmim.resolve(simmim.Args(data='x', model='swin_base', lr_schedule='multistep', milestones=(50, 80)))
     assert (w.milestones, w.blr, w.warmup_lr) == ((50, 80), 1e-4, 5e-7)
     assert simmim.resolve(w) == w  # idempotent
-    with pytest.raises(SystemExit, match='--model is one of'):
+    with pytest.raises(SystemExit, match='--model bogus is not one of'):
         simmim.resolve(simmim.Args(data='x', model='bogus'))
     with pytest.raises(SystemExit, match='--lr_schedule'):
         simmim.resolve(simmim.Args(data='x', model='tiny', lr_schedule='linear'))

@@ -690,10 +690,9 @@ def test_video_folders_discovery_labels_and_frame_order(tmp_path):
     (root / 'train' / 'cls_a' / 'notes').mkdir()
     (root / 'train' / 'cls_a' / 'notes' / 'readme.txt').write_text('no frames here')
     ds = vm.VideoFolders(root, num_frames=4, sampling_rate=1, size=16, seed=0)
-    paths = [str(Path(v).relative_to(root / 'train')) for v, _ in ds.videos]
+    paths = [str(Path(v).relative_to(root / 'train')) for v in ds.files]
     assert paths == ['cls_a/deep/nested/v2', 'cls_a/v3', 'cls_b/v1']
     assert ds.labels == [0, 0, 1]
-    assert [is_gif for _, is_gif in ds.videos] == [False] * 3
     # frames in name order: write a video whose names sort differently from creation order
     v = root / 'train' / 'cls_b' / 'v1'
     for f in v.iterdir():
@@ -702,7 +701,7 @@ def test_video_folders_discovery_labels_and_frame_order(tmp_path):
         Image.new('RGB', (40, 30), (30 * k, 30 * k, 30 * k)).save(v / f'img_{k + 1:05d}.png')
     ds = vm.VideoFolders(root, num_frames=4, sampling_rate=2, size=16, seed=0)
     clip, label, skipped = ds[2]  # 8 frames, 4 x stride 2: the only start is 0 -> frames 0, 2, 4, 6
-    assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.uint8 and label == 1 and skipped == 0
+    assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.uint8 and label == 1 and skipped == -1
     assert [int(clip[0, k].float().mean().round()) for k in range(4)] == [0, 60, 120, 180]
 
 
@@ -714,12 +713,12 @@ def test_video_folders_flat_and_gif(tmp_path):
     gif_frames[0].save(root / 'anim.GIF', save_all=True, append_images=gif_frames[1:], duration=40, loop=0)
     ds = vm.VideoFolders(root, num_frames=4, sampling_rate=1, size=(16, 8), seed=0)
     assert len(ds) == 2 and ds.labels == [0, 0]
-    gif_idx = [i for i, (_, is_gif) in enumerate(ds.videos) if is_gif]
+    gif_idx = [i for i, v in enumerate(ds.files) if v.endswith('.GIF')]
     assert len(gif_idx) == 1
     starts = set()
     for epoch in range(8):
         clip, _, skipped = ds[(epoch, gif_idx[0])]
-        assert clip.shape == (3, 4, 16, 8) and skipped == 0
+        assert clip.shape == (3, 4, 16, 8) and skipped == -1
         ids = vm.clip_indices(5, 4, 1, random.Random(f'0-{epoch}-{gif_idx[0]}'))
         starts.add(ids[0])
         for k in range(4):  # frame k of the clip is GIF frame ids[k]
@@ -739,12 +738,12 @@ def test_video_folders_unreadable_and_empty_are_skipped_and_counted(tmp_path, ca
     err = capsys.readouterr().err
     assert 'skipping 1 folder(s) without frames' in err and 'd_empty' in err
     assert len(ds) == 3
-    clip, label, skipped = ds[1]  # b_bad -> replaced by the next video, c_good
-    assert skipped == 1
+    clip, label, bad = ds[1]  # b_bad -> replaced by the next video, c_good; its own index reported
+    assert bad == 1
     assert torch.equal(clip, ds[2][0])
     err = capsys.readouterr().err
     assert 'skipping unreadable video' in err and 'b_bad' in err
-    assert ds[0][2] == 0 and ds[2][2] == 0
+    assert ds[0][2] == -1 and ds[2][2] == -1
 
 
 def test_video_folders_missing_or_empty_root(tmp_path):
@@ -812,7 +811,7 @@ def test_synthetic_videos_deterministic_and_moving():
     ds = vm.SyntheticVideos(20, 8, (32, 48), seed=1)
     a, la, sa = ds[3]
     b, lb, _ = ds[(7, 3)]  # the epoch does not matter: the video is a function of (seed, index)
-    assert a.shape == (3, 8, 32, 48) and a.dtype == torch.uint8 and sa == 0
+    assert a.shape == (3, 8, 32, 48) and a.dtype == torch.uint8 and sa == -1
     assert torch.equal(a, b) and la == lb and 0 <= la <= 2
     assert not torch.equal(ds[4][0], a)
     assert not torch.equal(vm.SyntheticVideos(20, 8, (32, 48), seed=2)[3][0], a)

@@ -276,7 +276,7 @@ def test_unreadable_and_empty_videos_are_skipped(tmp_path):
     assert 'skipping unreadable video' in res.stderr and 'broken' in res.stderr and 'bad.gif' in res.stderr
     assert '8 videos, 1 steps/epoch' in res.stdout
     recs = read_log(out)
-    assert [r['step'] for r in recs] == [1, 2] and [r['skipped'] for r in recs] == [2, 4]  # 2 bad, every epoch
+    assert [r['step'] for r in recs] == [1, 2] and [r['skipped'] for r in recs] == [2, 2]  # 2 bad files, each once
     assert all(torch.isfinite(v).all() for v in load(out / 'checkpoint.pth')['model'].values())
     assert (out / 'encoder.pth').exists()
 
@@ -308,7 +308,7 @@ def test_no_data_names_both_flags(capsys):
     (['--batch_size', 3, '--global_batch', 8], ['--global_batch 8 is not a multiple of --batch_size 3']),
     (['--num_frames', 5], ['--num_frames 5', '--tubelet 2']),
     (['--input_size', 30], ['divisible', '30']),
-    (['--model', 'giant'], ['--model is one of', 'small']),
+    (['--model', 'giant'], ['--model giant is not one of', 'small']),
     (['--in_chans', 1], ['--mean', '--in_chans 1']),
     (['--data', 'synthetic:4', '--batch_size', 8, '--global_batch', 8], ['batch'])])
 def test_bad_configuration_stops_with_a_message(argv, words, tmp_path, restore_signals):
@@ -358,11 +358,11 @@ def test_init_from_reference_style_checkpoint(tmp_path):
     torch.save({'model': src, 'optimizer': {}, 'epoch': 1599, 'scaler': {}, 'args': ns}, path)
     out = tmp_path / 'out'
     res = ok(run_vm(*TINY, '--data', 'synthetic:16', '--batch_size', 8, '--global_batch', 8, '--epochs', 2,
-                    '--max_steps', 1, '--blr', 0, '--min_lr', 0, '--init', path, '--output_dir', out))
+                    '--max_steps', 1, '--blr', 1e-30, '--min_lr', 0, '--init', path, '--output_dir', out))
     assert f'--init {path}: loaded {len(src)} tensors' in res.stdout and '(kept as initialised): 0 ' in res.stdout
     model = load(out / 'checkpoint.pth')['model']
-    for k in src:  # lr 0 (so no decoupled weight decay either): the trained weights are the init weights
-        assert torch.equal(model[k], src[k]), k
+    for k in src:  # lr ~1e-31 (0 is refused): one step moves no weight by more than 1e-30
+        torch.testing.assert_close(model[k], src[k], rtol=0, atol=1e-30, msg=k)
     enc = load(out / 'encoder.pth')['model']
     assert all(torch.equal(enc[k], src['encoder.' + k]) for k in finetune_keys())
 

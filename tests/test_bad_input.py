@@ -1,0 +1,341 @@
+"""Bad input and scheduler signals, for every method file present (a new file is covered the day it lands): each
+case stops at start with one line and a non-zero exit, or is skipped and counted, and no checkpoint is damaged.
+
+The runs are in-process (`main(parse_args(...))`, whose SystemExit message Python prints as the one line, exit
+status 1), on each file's own `--demo` configuration shrunk to a batch of 4; one subprocess per file checks what a
+user sees: exactly one line on stderr, no traceback."""
+import fractions
+import hashlib
+import importlib
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from clitools import REPO, assert_same, env, load, ok, read_log, run_and_preempt, run_script
+
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan')
+           if (REPO / f'{m}.py').exists()]
+VIDEO = {'videomae'}  # methods whose --data is a folder of videos
+
+
+def quick(out, *extra):
+    """The file's --demo configuration (tiny model, small images) with a batch of 4 and no loader workers."""
+    return ['--demo', '--data', 'synthetic:64', '--batch_size', 4, '--global_batch', 4, '--num_workers', 0,
+            '--log_every', 1, '--output_dir', out, *extra]
+
+
+def stop_line(method, argv):
+    """Run the method's main in-process and return the message it stops with (asserting it is one line)."""
+    mod = importlib.import_module(method)
+    with pytest.raises(SystemExit) as e:
+        mod.main(common.parse_args(mod.Args, [str(a) for a in argv], demo=mod.DEMO))
+    code = e.value.code
+    assert isinstance(code, str) and code.strip() and '\n' not in code, code
+    return code
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def broken_data(root, method, n=3):
+    """A data folder in which no file can be read: n broken images, or n videos of broken frames."""
+    for i in range(n):
+        if method in VIDEO:
+            (root / f'v{i}').mkdir(parents=True)
+            for k in range(2):
+                (root / f'v{i}' / f'img_{k:05d}.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg' + bytes(64))
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f'b{i}.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg' + bytes(64))
+    return root
+
+
+@pytest.fixture(scope='module')
+def mae_checkpoint(tmp_path_factory):
+    """A real mae.py training checkpoint (tiny, one step), to be refused by the other files and kinds of misuse."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    out = tmp_path_factory.mktemp('mae_ckpt')
+    try:
+        importlib.import_module('mae').main(common.parse_args(importlib.import_module('mae').Args, [
+            str(a) for a in quick(out, '--max_steps', 1)], demo=importlib.import_module('mae').DEMO))
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return out / 'checkpoint.pth'
+
+
+# --------------------------------------------------------------------------- values the method cannot use
+
+
+VALUE_CASES = [
+    (['--mask_ratio', 1.5], '--mask_ratio 1.5'),
+    (['--mask_ratio', -0.1], '--mask_ratio -0.1'),
+    (['--mask_ratio', 0], '--mask_ratio 0'),  # nothing masked: a loss of 0 every step
+    (['--epochs', 0], '--epochs 0: must be greater than 0'),
+    (['--batch_size', 0], '--batch_size 0: must be greater than 0'),
+    (['--batch_size', -4], '--batch_size -4: must be greater than 0'),
+    (['--global_batch', 0], '--global_batch 0: must be greater than 0'),
+    (['--input_size', 0], '--input_size 0: must be greater than 0'),
+    (['--log_every', 0], '--log_every 0: must be greater than 0'),
+    (['--save_every', -1], '--save_every -1: must be greater than 0'),
+    (['--blr', -0.001], '--blr -0.001: must be greater than 0'),
+    (['--warmup_epochs', -1], '--warmup_epochs -1: must be 0 or more'),
+    (['--num_workers', -2], '--num_workers -2: must be 0 or more'),
+    (['--max_steps', -1], '--max_steps -1: must be 0 or more'),
+    (['--weight_decay', -0.05], '--weight_decay -0.05: must be 0 or more'),
+    (['--std', 0.2, 0, 0.2], '--std 0.2 0.0 0.2: must be greater than 0'),
+    (['--in_chans', 2], '--in_chans 2'),
+    (['--model', 'gigantic'], '--model gigantic is not one of'),
+    (['--amp', 'fp8'], '--amp fp8 is not one of'),
+    (['--input_size', 33], '--input_size 33'),
+]
+
+
+@pytest.mark.parametrize('argv,words', VALUE_CASES, ids=[' '.join(map(str, a)) for a, _ in VALUE_CASES])
+@pytest.mark.parametrize('method', METHODS)
+def test_bad_value_stops_before_any_work(method, argv, words, tmp_path, restore_signals):
+    out = tmp_path / 'out'
+    line = stop_line(method, quick(out, *argv))
+    assert words in line, line
+    assert not out.exists()  # stopped before the output folder was made
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_mask_ratio_line_gives_the_valid_range(method, tmp_path, restore_signals):
+    line = stop_line(method, quick(tmp_path / 'out', '--mask_ratio', 1.5))
+    assert re.search(r'give 0 < ratio <=? 1 ', line) and re.search(r'hides 1 to \d+ of the \d+', line), line
+
+
+def test_mask_ratio_counts_by_the_methods_rounding(tmp_path, restore_signals):
+    """MAE keeps int(N (1 - ratio)) patches: at 64 px / patch 8, 0.99 keeps int(0.64) = 0 of 64: nothing visible;
+    SimMIM hides ceil(ratio x blocks): 1.0 hides all 16 blocks of 64 px / 16, which SimMIM can represent."""
+    line = stop_line('mae', quick(tmp_path / 'a', '--mask_ratio', 0.99))
+    assert '--mask_ratio 0.99 hides 64 of 64 patches' in line and 'hides 1 to 63 of the 64 patches' in line
+    if 'simmim' in METHODS:
+        mod = importlib.import_module('simmim')
+        args = common.parse_args(mod.Args, [str(a) for a in quick(tmp_path / 'b', '--mask_ratio', 1.0,
+                                                                  '--max_steps', 1)], demo=mod.DEMO)
+        mod.main(args)  # runs
+        assert load(tmp_path / 'b' / 'checkpoint.pth')['step'] == 1
+
+
+def test_check_args_helpers_directly():
+    from types import SimpleNamespace as NS
+    base = dict(model='m', amp='none', batch_size=1, in_chans=3, mean=(0, 0, 0), std=(1, 1, 1), betas=(0.9, 0.95))
+    common.check_args(NS(**base), {'m': 0})
+    for bad, words in [(dict(betas=(0.9, 1.0)), '--betas 0.9 1.0: must be in [0, 1)'),
+                       (dict(drop_path=1.0), '--drop_path 1.0: must be in [0, 1)'),
+                       (dict(frames=0), '--frames 0: must be greater than 0'),
+                       (dict(mean=(0,)), '--mean/--std need 3 values')]:
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            common.check_args(NS(**{**base, **bad}), {'m': 0}, positive=('frames',))
+    common.check_mask_ratio(0.5, 2, 4, 'units')
+    common.check_mask_ratio(1.0, 4, 4, 'units', all_ok=True)
+    for args in [(1.0, 4, 4, 'units'), (0.1, 0, 4, 'units'), (0.0, 0, 4, 'units'), (-1, 0, 4, 'units')]:
+        with pytest.raises(SystemExit, match='--mask_ratio'):
+            common.check_mask_ratio(*args)
+
+
+# --------------------------------------------------------------------------- files: checkpoints, output folder
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_missing_resume_and_init_files(method, tmp_path, restore_signals):
+    line = stop_line(method, quick(tmp_path / 'out', '--resume', tmp_path / 'nope.pth'))
+    assert line == f'--resume {tmp_path / "nope.pth"}: no such file'
+    line = stop_line(method, quick(tmp_path / 'out2', '--init', tmp_path / 'gone.pth'))
+    assert line == f'--init {tmp_path / "gone.pth"}: no such file'
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_unreadable_checkpoints_are_refused_and_left_as_they_are(method, tmp_path, restore_signals):
+    full = tmp_path / 'full.pth'
+    torch.save({'model': {'w': torch.randn(256, 256)}, 'step': 3}, full)
+    files = {'cut.pth': full.read_bytes()[:full.stat().st_size // 2],  # an interrupted copy
+             'notes.pth': b'these are my notes, not a checkpoint\n' * 20,
+             'empty.pth': b''}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({'model': fractions.Fraction(1, 3)}, tmp_path / 'objects.pth')  # a pickled class, not tensors
+    for name, words in [('cut.pth', 'looks cut short'), ('notes.pth', 'not a PyTorch checkpoint'),
+                        ('empty.pth', 'is empty'), ('objects.pth', 'holds Python objects (fractions.Fraction)')]:
+        path = tmp_path / name
+        before = digest(path)
+        for flag in ('--resume', '--init'):
+            line = stop_line(method, quick(tmp_path / f'out_{name}', flag, path))
+            assert line.startswith(f'{flag} {path}: ') and words in line, line
+            assert 'weights_only' not in line  # torch's advice to unpickle anyway is not ours to give
+        assert digest(path) == before
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_checkpoint_of_another_file_or_model_is_refused(method, mae_checkpoint, tmp_path, restore_signals):
+    """A restarted run resumes output_dir/checkpoint.pth by itself: one written by another method file or model
+    must be refused by name, and left untouched."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    ckpt = load(mae_checkpoint)
+    if method == 'mae':  # the same file refuses another's checkpoint and another model's
+        torch.save({**ckpt, 'method': 'simmim.py'}, out / 'checkpoint.pth')
+        expect = 'written by simmim.py --model tiny, this is mae.py --model tiny'
+    else:
+        torch.save(ckpt, out / 'checkpoint.pth')
+        expect = f'written by mae.py --model tiny, this is {method}.py --model tiny'
+    before = digest(out / 'checkpoint.pth')
+    line = stop_line(method, quick(out))
+    assert line.startswith(f'resuming {out / "checkpoint.pth"}: ') and expect in line, line
+    other = tmp_path / 'base.pth'
+    torch.save({**ckpt, 'method': f'{method}.py', 'args': {**ckpt['args'], 'model': 'base'}}, other)
+    line = stop_line(method, quick(tmp_path / 'out2', '--resume', other))
+    assert f'written by {method}.py --model base, this is {method}.py --model tiny' in line, line
+    assert digest(out / 'checkpoint.pth') == before and sorted(p.name for p in out.iterdir()) == ['checkpoint.pth']
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_weights_only_file_given_to_resume(method, mae_checkpoint, tmp_path, restore_signals):
+    """A reference release or an encoder.pth holds weights, not training state: --resume says to use --init. A file
+    without a recorded method whose tensors do not fit is named as such."""
+    weights = tmp_path / 'weights.pth'
+    torch.save({'model': load(mae_checkpoint)['model']}, weights)
+    line = stop_line(method, quick(tmp_path / 'out', '--resume', weights))
+    assert 'not a training checkpoint' in line and f'--init {weights}' in line, line
+    legacy = tmp_path / 'legacy.pth'
+    ckpt = {k: v for k, v in load(mae_checkpoint).items() if k != 'method'}
+    torch.save({**ckpt, 'model': {'head.weight': torch.zeros(2, 2)}}, legacy)
+    line = stop_line(method, quick(tmp_path / 'out2', '--resume', legacy))
+    assert f'its model does not fit {method}.py --model tiny' in line and 'head.weight' in line, line
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_unrelated_init_state_dict(method, tmp_path, restore_signals):
+    torch.save({'model': {'classifier.weight': torch.zeros(10, 4)}}, tmp_path / 'unrelated.pth')
+    line = stop_line(method, quick(tmp_path / 'out', '--init', tmp_path / 'unrelated.pth'))
+    assert 'no tensor matches this model' in line, line
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_output_dir_that_is_a_file_or_cannot_be_written(method, tmp_path, restore_signals):
+    (tmp_path / 'taken').write_text('a file')
+    line = stop_line(method, quick(tmp_path / 'taken'))
+    assert line == f'--output_dir {tmp_path / "taken"} is a file, not a folder'
+    line = stop_line(method, quick(tmp_path / 'taken' / 'sub'))
+    assert line.startswith(f'--output_dir {tmp_path / "taken" / "sub"} cannot be written: '), line
+    assert (tmp_path / 'taken').read_text() == 'a file'
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_missing_empty_and_all_unreadable_data(method, tmp_path, restore_signals):
+    line = stop_line(method, quick(tmp_path / 'o1', '--data', tmp_path / 'nope'))
+    assert 'does not exist' in line and str(tmp_path / 'nope') in line
+    (tmp_path / 'empty' / 'sub').mkdir(parents=True)
+    (tmp_path / 'empty' / 'notes.txt').write_text('no images')
+    line = stop_line(method, quick(tmp_path / 'o2', '--data', tmp_path / 'empty'))
+    assert re.search(r'no (images|videos)', line), line
+    data = broken_data(tmp_path / 'broken', method)
+    what = 'video' if method in VIDEO else 'image'
+    line = stop_line(method, quick(tmp_path / 'o3', '--data', data))
+    assert line.startswith(f'0 of 3 {what} files could be read; first error: {data}'), line
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_non_multiple_global_batch_and_too_small_data(method, tmp_path, restore_signals):
+    line = stop_line(method, quick(tmp_path / 'o1', '--batch_size', 3, '--global_batch', 8))
+    assert '--global_batch 8 is not a multiple of --batch_size 3' in line, line
+    line = stop_line(method, quick(tmp_path / 'o2', '--data', 'synthetic:2'))
+    assert 'batch' in line, line
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_unknown_flag(method, capsys):
+    mod = importlib.import_module(method)
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(mod.Args, ['--data', 'synthetic', '--mask_ration', '0.5'], demo=mod.DEMO)
+    assert e.value.code == 2 and 'unrecognized arguments: --mask_ration' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_unreadable_files_are_counted_once_each(method, tmp_path, restore_signals):
+    """8 files, 2 of them broken, batch 4: every epoch meets every file, so 3 epochs meet each broken one 3 times
+    (and more as the stand-in search runs over them); the log counts 2."""
+    data = tmp_path / 'data'
+    rng = np.random.default_rng(0)
+    modes = ['RGB', 'L', 'P', 'RGBA', 'CMYK', 'RGB']  # odd modes too
+    for i in range(6):
+        img = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).convert(modes[i])
+        if method in VIDEO:
+            (data / f'v{i}').mkdir(parents=True)
+            for k in range(3):
+                img.save(data / f'v{i}' / f'img_{k:05d}.{"jpg" if modes[i] in ("RGB", "L", "CMYK") else "png"}')
+        else:
+            data.mkdir(exist_ok=True)
+            img.save(data / f'g{i}.{"jpg" if modes[i] in ("RGB", "L", "CMYK") else "png"}')
+    for name in ('b0', 'b1'):
+        if method in VIDEO:
+            (data / name).mkdir()
+            (data / name / 'img_00000.jpg').write_bytes(b'broken')
+        else:
+            (data / f'{name}.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(40))
+    out = tmp_path / 'out'
+    mod = importlib.import_module(method)
+    mod.main(common.parse_args(mod.Args, [str(a) for a in quick(out, '--data', data, '--epochs', 3)], demo=mod.DEMO))
+    recs = read_log(out)
+    assert [r['step'] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[-1]['skipped'] == 2, recs
+    assert load(out / 'checkpoint.pth')['step'] == 6
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_what_a_user_sees_is_one_line(method, tmp_path):
+    res = run_script(f'{method}.py', '--data', 'synthetic', '--epochs', 0, '--output_dir', tmp_path / 'out')
+    assert res.returncode == 1 and res.stderr == '--epochs 0: must be greater than 0\n', res.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+# --------------------------------------------------------------------------- scheduler signals
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_sigterm_to_the_process_group_saves_and_resumes_exactly(method, tmp_path):
+    """timeout, Ctrl-C and scancel signal every process of the job, loader workers included: the run saves within
+    --log_every steps, exits 0, and the resumed run ends with the weights and optimizer state of a straight run."""
+    out, straight = tmp_path / 'out', tmp_path / 'straight'
+    args = quick(out, '--data', 'synthetic:256', '--epochs', 50, '--num_workers', 2)
+    rc, stdout, stderr = run_and_preempt(f'{method}.py', args, out, tmp_path, group=True)
+    assert rc == 0 and 'Traceback' not in stderr and 'killed by signal' not in stderr, stderr[-3000:]
+    step = int(re.search(r'preempted at step (\d+)', stdout).group(1))
+    assert load(out / 'checkpoint.pth')['step'] == step >= 2
+    ok(run_script(f'{method}.py', *args, '--max_steps', step + 2))
+    ok(run_script(f'{method}.py', *quick(straight, '--data', 'synthetic:256', '--epochs', 50, '--num_workers', 2,
+                                         '--max_steps', step + 2)))
+    a, b = load(out / 'checkpoint.pth'), load(straight / 'checkpoint.pth')
+    assert a['step'] == b['step'] == step + 2
+    assert_same(a['model'], b['model'], 'model')
+    assert_same(a['optimizer'], b['optimizer'], 'optimizer')
+    assert [r['step'] for r in read_log(out)] == list(range(1, step + 3))
+
+
+def test_sigterm_to_a_torchrun_group_saves_and_resumes(tmp_path):
+    """Two processes under torchrun, one loader worker each, SIGTERM to the whole group (torchrun forwards it too):
+    both ranks agree at the next log step, save, and the job resumes at that step."""
+    out = tmp_path / 'out'
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    args = quick(out, '--data', 'synthetic:512', '--batch_size', 2, '--epochs', 50, '--num_workers', 1)
+    rc, stdout, stderr = run_and_preempt('mae.py', args, out, tmp_path, group=True, launcher=launcher)
+    assert 'killed by signal' not in stderr and 'Traceback' not in stdout, stderr[-3000:]
+    step = int(re.search(r'preempted at step (\d+)', stdout).group(1))
+    ckpt = load(out / 'checkpoint.pth')
+    assert ckpt['step'] == step >= 2 and len(ckpt['rng']) == 2
+    res = subprocess.run([*launcher, 'mae.py', *map(str, args), '--max_steps', str(step + 1)], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'at step {step}' in res.stdout and load(out / 'checkpoint.pth')['step'] == step + 1
