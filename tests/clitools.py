@@ -56,8 +56,8 @@ def assert_same(a, b, where='state'):
         assert a == b, f'{where}: {a!r} != {b!r}'
 
 
-def run_and_preempt(script, args, out, tmp_path, after_lines=2, group=False, launcher=()):
-    """Start a training run, send SIGTERM once log.jsonl has `after_lines` lines, wait for the exit. `group`: the run
+def run_and_preempt(script, args, out, tmp_path, after_lines=2, group=False, launcher=(), sig=signal.SIGTERM):
+    """Start a training run, send `sig` once log.jsonl has `after_lines` lines, wait for the exit. `group`: the run
     gets a process group of its own and the signal goes to the whole group (loader workers and, under a
     `launcher` such as torchrun, every process), as timeout, Ctrl-C and SLURM's scancel send it.
     Returns (exit code, stdout, stderr)."""
@@ -72,7 +72,7 @@ def run_and_preempt(script, args, out, tmp_path, after_lines=2, group=False, lau
                     break
                 time.sleep(0.02)
             assert p.poll() is None, 'the run ended before it could be preempted'
-            os.killpg(p.pid, signal.SIGTERM) if group else p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, sig) if group else p.send_signal(sig)
             rc = p.wait(timeout=60)
         finally:
             if p.poll() is None:

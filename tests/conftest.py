@@ -13,9 +13,9 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 
 @pytest.fixture
 def restore_signals():
-    """main() installs SIGTERM/SIGUSR1 handlers; put pytest's back after in-process runs. One intra-op thread
+    """main() installs SIGTERM/SIGUSR1/SIGINT handlers; put pytest's back after in-process runs. One intra-op thread
     meanwhile: spinning OpenMP threads make tiny models very slow when another process shares the cores."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -324,6 +324,27 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(method, tmp_path
     assert [r['step'] for r in read_log(out)] == list(range(1, step + 3))
 
 
+def test_ctrl_c_saves_and_a_second_stops_at_once(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground group: the first saves at the next log step and exits 0."""
+    out = tmp_path / 'out'
+    args = quick(out, '--data', 'synthetic:256', '--epochs', 50, '--num_workers', 2)
+    rc, stdout, stderr = run_and_preempt('mae.py', args, out, tmp_path, group=True, sig=signal.SIGINT)
+    assert rc == 0 and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+    assert 'interrupted: saving at the next log step' in stderr
+    step = int(re.search(r'preempted at step (\d+)', stdout).group(1))
+    assert load(out / 'checkpoint.pth')['step'] == step >= 2
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    flag = common.Preemption()
+    try:
+        flag.handle(signal.SIGINT, None)
+        assert flag.flag
+        with pytest.raises(KeyboardInterrupt):
+            flag.handle(signal.SIGINT, None)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def test_sigterm_to_a_torchrun_group_saves_and_resumes(tmp_path):
     """Two processes under torchrun, one loader worker each, SIGTERM to the whole group (torchrun forwards it too):
     both ranks agree at the next log step, save, and the job resumes at that step."""

@@ -1164,7 +1164,7 @@ def test_normalize(shape):
 def test_logger_averages_counts_and_stops(tmp_path):
     import signal
     from types import SimpleNamespace
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         d = SimpleNamespace(world=1, rank=0, device=torch.device('cpu'), main=True)
         log = common.Logger(tmp_path, d, step=10, unit='clip')
