@@ -410,10 +410,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def read_or_next(dataset, key, what):
-    """An item of a file dataset (`files`, `labels`, `seed`, `warned`, `load(i, rng)`): (x, label, bad). When the keyed file
-    cannot be read the next readable one stands in (warned once per file and process), and `bad` is the keyed
-    file's index (else -1), so the loop counts each unreadable file once however often it is met. The randomness is
-    a pure function of (seed, epoch, index), so a resumed run sees the same crops."""
+    """An item (x, label, bad) of a file dataset (with `files`, `labels`, `seed`, `warned`, `load(i, rng)`). When the
+    keyed file cannot be read the next readable one stands in (warned once per file and process), and `bad` is the
+    keyed file's index (else -1), so the loop counts each unreadable file once however often it is met. The
+    randomness is a pure function of (seed, epoch, index), so a resumed run sees the same crops."""
     epoch, idx = key if isinstance(key, tuple) else (0, key)
     n, warned = len(dataset.files), dataset.warned
     for k in range(n):
@@ -423,7 +423,8 @@ def read_or_next(dataset, key, what):
         except Exception as e:  # unreadable: warn, use the next file
             if i not in warned:
                 warned.add(i)
-                print(f'warning: skipping unreadable {what} {dataset.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
+                print(f'warning: skipping unreadable {what} {dataset.files[i]}: {type(e).__name__}: {e}',
+                      file=sys.stderr)
     raise RuntimeError(f'no readable {what} among the {n}')
 
 
@@ -751,7 +752,7 @@ class Logger:
         self.bad_run = (self.bad_run + 1) * bad
 
     def log_step(self, epoch, step, total_steps, lr, global_batch, max_bad_steps):
-        """Returns 'preempted' when any rank got SIGTERM/SIGUSR1; stops the run after max_bad_steps bad steps."""
+        """'preempted' when any rank got SIGTERM/SIGUSR1/Ctrl-C; stops after max_bad_steps bad steps in a row."""
         host = torch.tensor([self.micro, len(self.new_bad), float(self.preempt.flag)], device=self.d.device)
         summed = torch.cat([self.loss_sum[None], host])  # (4,): loss sum, micro-steps, new bad files, preempted
         if self.d.world > 1:
