@@ -254,7 +254,7 @@ def check_mask_ratio(ratio, n_hidden, n, unit, all_ok=False):
     be hidden and, unless `all_ok`, at least one left visible; otherwise stop with the valid range."""
     top = n if all_ok else n - 1
     if not (0 < ratio <= 1 and 1 <= n_hidden <= top):
-        hides = f'hides {n_hidden} of {n} {unit}' if 0 < ratio <= 1 else f'is outside (0, {1 if all_ok else "1)"}'
+        hides = f'hides {n_hidden} of {n} {unit}' if 0 < ratio <= 1 else f'is outside (0, 1{"]" if all_ok else ")"}'
         raise SystemExit(f'--mask_ratio {ratio} {hides}: give 0 < ratio {"<= 1" if all_ok else "< 1"} that hides '
                          f'1 to {top} of the {n} {unit}')
 
@@ -720,10 +720,9 @@ def checkpoint_problem(path, error):
     if found:
         return (f'holds Python objects ({found.group(1)}), not only tensors; refused, since loading them could run '
                 f'code. Save its state_dict() instead')
-    said = f'{type(error).__name__}: {str(error).strip()}'.split('\n')[0][:120]
     if head != b'PK\x03\x04':
-        return f'not a PyTorch checkpoint ({size} bytes; torch.load: {said})'
-    return f'cannot be read ({said})'
+        return f'not a PyTorch checkpoint ({size} bytes beginning {head!r})'
+    return f'cannot be read ({type(error).__name__}: {str(error).strip()}'.split('\n')[0][:160] + ')'
 
 
 # --------------------------------------------------------------------------- logging and pictures
