@@ -12,20 +12,22 @@ at ViT speed. The decoder reads the stem features and the main-stage output of e
 
 Deviations from the reference:
 - The lr schedule runs over epochs 0..1600 (reference: its loop passes `epoch + 1` to the per-iteration schedule, so
-  warmup starts at lr/40 and every step is one epoch late; a resumed run also skips an epoch).
+  warmup starts at lr/40 and the whole curve runs one epoch ahead; a resumed reference run also skips an epoch).
 - The effective batch is `--global_batch` (4096 = 8 GPUs x 256 x accum 2); `accum_iter` is derived from it.
 - bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives).
 - Attention through SDPA (reference: logits cast to fp32 and clamped before an fp32 softmax; the same in fp32).
 - A non-finite loss/gradient skips the optimizer step and is counted (reference: sys.exit); `--max_bad_steps` in a
   row stop the run. An epoch is truncated to a whole number of accumulation cycles.
 - No masked unit at all (`--mask_ratio 0`) gives loss 0 instead of 0/0 = NaN. The grid may be non-square.
+- Presets `tiny`/`small` (the reference's supervised HiViT-T/S) get the base decoder: the reference pretrains only
+  HiViT-B with MAE. `micro` is ours, for the demo and the tests.
 - AdamW is torch's fused kernel (same update up to rounding), so a non-finite step is skipped without a host sync.
-- `checkpoint-<epoch>.pth` every 100 epochs and at the last, as the reference (it counts finished epochs too).
 - Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
   `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
 Kept as the reference does, on purpose: the encoder's sin-cos `absolute_pos_embed` is trainable and weight-decayed
 (its `requires_grad=False` goes to torch.zeros, not to nn.Parameter; mmpretrain freezes it). The norm-pix loss is
-always on (the base class hard-codes it). Not copied, no effect: the reference appends N_mask + 1 mask tokens
+always on (the base class hard-codes it). `checkpoint-<epoch>.pth` every 100 epochs and at the last, named by
+finished epochs as the reference's. Not copied, no effect: the reference appends N_mask + 1 mask tokens
 (MAE's cls-token count) to the decoder input; the extra one is never gathered.
 """
 import dataclasses
