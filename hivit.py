@@ -1,10 +1,11 @@
 """HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer (Zhang et al., arXiv 2205.14949).
 
-Reference: github.com/zhangxiaosong18/hivit (self_supervised/models/{models_hivit_mae,models_hivit,masked_autoencoder}.py,
-main_pretrain.py, engine_pretrain.py, get_started.md). A hierarchical ViT whose stages before the main stage never mix
-information across 16-px units: 4x4-px tokens go through MLP-only blocks and merges inside their unit. So the masked
-units can be dropped right after the patch embedding, exactly as MAE drops patches, and a hierarchical encoder trains
-at ViT speed. The decoder reads the stem features and the main-stage output of every visible unit ("hifeat").
+Reference: github.com/zhangxiaosong18/hivit (self_supervised/: models/models_hivit_mae.py, models/models_hivit.py,
+models/masked_autoencoder.py, main_pretrain.py, engine_pretrain.py, get_started.md). A hierarchical ViT whose stages
+before the main stage never mix information across 16-px units: 4x4-px tokens go through MLP-only blocks and merges
+inside their unit. So the masked units can be dropped right after the patch embedding, exactly as MAE drops patches,
+and a hierarchical encoder trains at ViT speed. The decoder reads the stem features and the main-stage output of
+every visible unit ("hifeat").
 
     python hivit.py --demo                                         # micro HiViT, synthetic images, CPU, ~2 min
     torchrun --nproc_per_node=8 hivit.py --data imagenet/          # HiViT-B, 1600 epochs, the official recipe
@@ -264,8 +265,8 @@ def visualize(model, imgs, args, path):
     grey = torch.full_like(target, 0.5)  # shown for hidden units; un-normalise a pixel value 0.5 back
     grey = patchify((unpatchify(grey, p, gh, gw, C) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), p)
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
-                     ('prediction *', to_img(pred)), ('prediction * + visible', to_img(torch.where(mask, pred, target)))],
-              note)
+                     ('prediction *', to_img(pred)),
+                     ('prediction * + visible', to_img(torch.where(mask, pred, target)))], note)
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training
@@ -309,7 +310,8 @@ def main(args):
         print(json.dumps(dataclasses.asdict(args)))
         n = model.grid[0] * model.grid[1]
         print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params, {n} units of '
-              f'{patch} px, {int(n * (1 - args.mask_ratio))} visible; {len(dataset)} images, {steps_per_epoch} steps/epoch')
+              f'{patch} px, {int(n * (1 - args.mask_ratio))} visible; {len(dataset)} images, '
+              f'{steps_per_epoch} steps/epoch')
         print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
               f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
 

@@ -120,12 +120,13 @@ def test_visible_stem_features_equal_full_pass_then_select(name, img):
         feats_full, x_full = model.forward_stem(full)
         feats_vis, x_vis = model.forward_stem(select(full, ids_keep))
         model.forward_encoder(imgs, ids_keep)
-    assert [f.shape[-1] for f in feats_vis] == [16 * model.patch_embed.proj.out_channels, 8 * model.patch_embed.proj.out_channels]
+    c1 = model.patch_embed.proj.out_channels
+    assert [f.shape[-1] for f in feats_vis] == [16 * c1, 4 * 2 * c1]  # 4x4 tokens of C1, then 2x2 of 2 C1
     for a, b in zip(feats_full + [x_full], feats_vis + [x_vis]):
         assert torch.equal(select(a, ids_keep), b)
     # and what the encoder feeds the main stage: the same merged tokens plus the gathered absolute positions
     assert torch.equal(main_in[0], x_vis + select(model.absolute_pos_embed.expand(2, -1, -1), ids_keep))
-    with torch.no_grad():  # the main stage attends over the visible units only: its output differs from full-then-select
+    with torch.no_grad():  # the main stage attends over the visible units only: it differs from full-then-select
         y_full, y_vis = x_full + model.absolute_pos_embed, main_in[0]
         for blk in model.blocks[-model.num_main_blocks:]:
             y_full, y_vis = blk(y_full), blk(y_vis)
@@ -355,7 +356,8 @@ def test_adamw_steps_lower_the_loss():
 def test_load_reference_style_checkpoints(tmp_path):
     src = micro(seed=1)
     ns = argparse.Namespace(model='mae_hivit_base_dec512d6b', norm_pix_loss=True, mask_ratio=0.75)
-    torch.save({'model': src.state_dict(), 'optimizer': {}, 'epoch': 1600, 'scaler': {}, 'args': ns}, tmp_path / 'a.pth')
+    torch.save({'model': src.state_dict(), 'optimizer': {}, 'epoch': 1600, 'scaler': {}, 'args': ns},
+               tmp_path / 'a.pth')
     fresh = micro(seed=2)
     res = common.load_weights(fresh, tmp_path / 'a.pth')
     assert res.missing_keys == [] and res.unexpected_keys == []
