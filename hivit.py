@@ -43,9 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, accumulation, amp_setup, cosine_lr,
-                    image_dataset, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify,
-                    resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, accumulation, amp_setup, check_args,
+                    check_mask_ratio, cosine_lr, image_dataset, make_loader, normalize, optimizer_step, pair,
+                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
+                    setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -273,15 +274,14 @@ def visualize(model, imgs, args, path):
 
 
 def main(args):
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none'):
-        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none')
+    check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
     patch, dim, depths, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
         raise SystemExit(f'--input_size {H} {W} is not divisible by the unit size {patch} of --model {args.model}')
-    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
-        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+    N = (H // patch) * (W // patch)
+    check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'units')  # as unit_masking rounds
+    d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's effective batch
     lr = args.blr * args.global_batch / 256
@@ -332,7 +332,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            imgs, _, skipped = next(batches)
+            imgs, _, bad_files = next(batches)  # bad_files: indices of unreadable files, else -1
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref passes epoch + 1: not kept)
@@ -343,7 +343,7 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(imgs, args.mask_ratio)
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, skipped)  # kept on the device until the next log step
+            logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)

@@ -480,7 +480,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            videos, _, skipped = next(batches)
+            videos, _, bad_files = next(batches)  # bad_files: indices of unreadable files, else -1
             logger.wait += time.perf_counter() - t
             videos = normalize(videos.to(d.device, non_blocking=True), mean, std)  # (B, C, T, H, W)
             if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref utils.cosine_scheduler)
@@ -492,7 +492,7 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(videos, args.mask_ratio)
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, skipped)  # kept on the device until the next log step
+            logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)

@@ -182,20 +182,20 @@ def test_checkpoint_of_another_file_or_model_is_refused(method, mae_checkpoint, 
     must be refused by name, and left untouched."""
     out = tmp_path / 'out'
     out.mkdir()
-    ckpt = load(mae_checkpoint)
+    ckpt, model = load(mae_checkpoint), importlib.import_module(method).DEMO['model']
     if method == 'mae':  # the same file refuses another's checkpoint and another model's
         torch.save({**ckpt, 'method': 'simmim.py'}, out / 'checkpoint.pth')
         expect = 'written by simmim.py --model tiny, this is mae.py --model tiny'
     else:
         torch.save(ckpt, out / 'checkpoint.pth')
-        expect = f'written by mae.py --model tiny, this is {method}.py --model tiny'
+        expect = f'written by mae.py --model tiny, this is {method}.py --model {model}'
     before = digest(out / 'checkpoint.pth')
     line = stop_line(method, quick(out))
     assert line.startswith(f'resuming {out / "checkpoint.pth"}: ') and expect in line, line
     other = tmp_path / 'base.pth'
     torch.save({**ckpt, 'method': f'{method}.py', 'args': {**ckpt['args'], 'model': 'base'}}, other)
     line = stop_line(method, quick(tmp_path / 'out2', '--resume', other))
-    assert f'written by {method}.py --model base, this is {method}.py --model tiny' in line, line
+    assert f'written by {method}.py --model base, this is {method}.py --model {model}' in line, line
     assert digest(out / 'checkpoint.pth') == before and sorted(p.name for p in out.iterdir()) == ['checkpoint.pth']
 
 
@@ -211,7 +211,8 @@ def test_weights_only_file_given_to_resume(method, mae_checkpoint, tmp_path, res
     ckpt = {k: v for k, v in load(mae_checkpoint).items() if k != 'method'}
     torch.save({**ckpt, 'model': {'head.weight': torch.zeros(2, 2)}}, legacy)
     line = stop_line(method, quick(tmp_path / 'out2', '--resume', legacy))
-    assert f'its model does not fit {method}.py --model tiny' in line and 'head.weight' in line, line
+    model = importlib.import_module(method).DEMO['model']
+    assert f'its model does not fit {method}.py --model {model}' in line and 'head.weight' in line, line
 
 
 @pytest.mark.parametrize('method', METHODS)
