@@ -95,7 +95,7 @@ DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=32
 
 def batch_mask(gh, gw, mask_ratio, device, noise=None):
     """ONE mask for the whole batch on the stride-32 grid: (1, gh*gw) bool, True = the unit comes from the partner
-    image (hidden in this image's own sample). The int(n x ratio) units with the largest noise are taken."""
+    image (hidden in this image's own sample): the int(n x ratio) units with the smallest noise (ref: argsort)."""
     n = gh * gw
     noise = torch.rand(1, n, device=device) if noise is None else noise  # (1, n)
     ids = noise.argsort(dim=1)[:, :int(n * mask_ratio)]  # (1, n_mix): ascending, as the reference
