@@ -170,6 +170,23 @@ def test_perturbing_the_partner_leaves_an_image_unchanged_at_every_stage(B, i, s
                                                              image_tokens(model, b, mask, partner, B)))
 
 
+@pytest.mark.parametrize('size,windows', GEOMETRIES[1:], ids=['base_windows224', 'global64'])
+def test_odd_batch_middle_image_mixes_with_itself_in_two_isolated_groups(size, windows):
+    """B = 3: sample 1 is image 1 in both groups. Changing image 1 inside its mixed-in units changes only the
+    partner-group tokens of sample 1: its own-group tokens never attend to them."""
+    model, mask = geometry_model(size, windows), geometry_mask(size)
+    imgs = images(3, size, size)
+    g = size // 32
+    up = F.interpolate(mask.float().view(1, 1, g, g), scale_factor=32, mode='nearest')[0]  # (1, H, W) pixels
+    other = imgs.clone()
+    other[1] += 3 * up * torch.randn_like(other[1])  # only inside the mixed-in units
+    a, b = stage_outputs(model, imgs, mask), stage_outputs(model, other, mask)
+    for (li, oa), (_, ob) in zip(a, b):
+        m = mixmim.upsample_mask(mask, g, g, 8 >> li)[0]
+        assert torch.equal(oa[1, ~m], ob[1, ~m]) and not torch.equal(oa[1, m], ob[1, m])
+        assert torch.equal(oa[[0, 2]], ob[[0, 2]])
+
+
 @pytest.mark.parametrize('size,windows,leaky_stages', [(224, (14, 14, 14, 7), {0, 1, 2, 3}),
                                                        (64, (16, 8, 4, 2), {0, 1, 2, 3})])
 def test_without_the_isolation_images_would_leak(size, windows, leaky_stages, monkeypatch):
