@@ -404,3 +404,13 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_non_square_input():
+    torch.manual_seed(0)
+    model = mixmim.MixMIM((64, 128), *TINY)  # units 2x4; stage grids 16x32 ... 2x4
+    mask = unit_mask([True, False, False, True, False, True, True, False])
+    loss, out = model(images(3, 64, 128), 0.5, mask)
+    assert out['pred'].shape == (3, 8, 3072) and torch.isfinite(loss)
+    assert torch.equal(model.decoder_pos_embed[0], common.sincos_2d(TINY[4], 2, 4))
+    assert torch.equal(model.absolute_pos_embed[0], common.sincos_2d(TINY[0], 16, 32))
