@@ -395,7 +395,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            imgs, _, skipped = next(batches)
+            imgs, _, bad_files = next(batches)  # bad_files: indices of unreadable files, else -1
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             if it % accum == 0:  # per-iteration schedule from the fractional epoch (ref lr_sched.py)
@@ -406,7 +406,7 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(imgs, args.mask_ratio)  # a fresh mask for each micro-batch and process
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, skipped)  # kept on the device until the next log step
+            logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
