@@ -371,3 +371,21 @@ def test_sigterm_to_a_torchrun_group_saves_and_resumes(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f'at step {step}' in res.stdout and load(out / 'checkpoint.pth')['step'] == step + 1
+
+
+def test_unreadable_files_counted_once_over_ranks(tmp_path):
+    """The two broken files (indices 0 and 1) fall to different ranks in both epochs (seed 0): rank 0 alone meets
+    one; the count is the union over ranks and epochs, 2, not a sum of attempts."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / f'g{i}.png')
+    for i in range(2):
+        (data / f'b{i}.png').write_bytes(b'broken')
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'mae.py',
+           *map(str, quick(out, '--data', data, '--batch_size', 2, '--epochs', 2))]
+    ok(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=180))
+    recs = read_log(out)
+    assert [r['step'] for r in recs] == [1, 2, 3, 4] and recs[-1]['skipped'] == 2, recs
