@@ -1,16 +1,16 @@
 """BEiT: BERT Pre-Training of Image Transformers (Bao et al., arXiv 2106.08254).
 
 Reference: github.com/microsoft/unilm beit/ (modeling_pretrain.py, masking_generator.py, run_beit_pretraining.py,
-engine_for_pretraining.py, datasets.py, transforms.py, dall_e/, optim_factory.py, utils.py). The encoder sees every
-patch, blockwise-masked ones replaced by a learned mask token, and predicts the discrete visual token (one of 8192)
-that a frozen dVAE tokenizer gives each masked patch: cross-entropy over all masked tokens of the batch.
+engine_for_pretraining.py, datasets.py, dall_e/, optim_factory.py, utils.py). The encoder sees every patch, blockwise
+masked ones replaced by a learned mask token, and predicts the visual token (one of 8192) that a frozen dVAE gives
+each masked patch: cross-entropy over all masked tokens of the batch.
 
     python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
     torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
     python beit.py --stage tokenizer --data DIR   # train the file's own small dVAE -> output_beit/tokenizer.pth
 
-`encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com/dall-e/encoder.pkl, downloaded once by the user). It
-is read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
+`encoder.pkl` (OpenAI's DALL-E dVAE encoder, cdn.openai.com/dall-e/encoder.pkl, downloaded once) is read by a
+restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
 Deviations from the reference:
 - The effective batch is `--global_batch` (2048, README 16 GPUs x 128); `accum_iter` is derived from it (the
@@ -21,16 +21,17 @@ Deviations from the reference:
   crop, so the contrast mean is the view's; the flip is applied after the crop (same distribution). All randomness
   of an item (crop, jitter, flip, mask) is a pure function of (seed, epoch, index), so a resumed run is exact.
 - A non-finite loss/gradient skips the step and is counted (reference: sys.exit); `--max_bad_steps` stop the run.
-- An epoch is truncated to a whole number of accumulation cycles. No masked patch at all gives loss 0, not NaN.
-- AdamW is torch's fused kernel; weight decay is constant (the reference's wd schedule is constant by default).
-- `checkpoint-<epoch>.pth` counts finished epochs (20, ..., 800); the reference names them 0-based (19, ..., 799).
-- `--warmup_steps` (reference IN-22k recipe) is not offered: give `--warmup_epochs`.
+- An epoch is truncated to whole accumulation cycles. No masked patch at all gives loss 0, not NaN.
+- AdamW is torch's fused kernel; weight decay is constant (as the reference's default wd schedule); no
+  `--warmup_steps` (IN-22k recipe): give `--warmup_epochs`. `checkpoint-<epoch>.pth` counts finished epochs.
 - The own tokenizer (`--stage tokenizer`) is ours, not the DALL-E tokenizer the paper used; it has no resume.
 """
 import dataclasses
+import itertools
 import json
 import math
 import random
+import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -102,6 +103,7 @@ class Args:
 
 # name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
+STAGES = ('pretrain', 'tokenizer')
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
             crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=8, warmup_epochs=1, lr=2e-3,
             num_workers=2, output_dir='output_beit_demo', log_every=4, keep_every=4, vocab_size=64, tok_width=32,
@@ -146,20 +148,17 @@ class TwoViews(torch.utils.data.Dataset):
     uint8 (3, 8gh, 8gw), bool (N,), n_skipped); the randomness is a pure function of (seed, epoch, index)."""
 
     def __init__(self, args, grid):
-        if args.data.startswith('synthetic'):
-            n = int(args.data.split(':')[1]) if ':' in args.data else 10000
-            self.src, self.files = SyntheticImages(n, args.input_size, 3, args.seed), None
-        else:
-            self.files = ImageFiles(args.data, args.input_size).files
+        synthetic, n = args.data.startswith('synthetic'), int((args.data + ':10000').split(':')[1] or 0)
+        self.src = SyntheticImages(n, args.input_size, 3, args.seed) if synthetic else None
+        self.files = None if synthetic else ImageFiles(args.data, args.input_size).files
         self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
 
     def __len__(self):
-        return len(self.files) if self.files else len(self.src)
+        return len(self.src) if self.src else len(self.files)
 
     def load(self, idx, rng):
         a = self.args
-        img = Image.fromarray(self.src[idx][0].permute(1, 2, 0).numpy()) if self.files is None else Image.open(
-            self.files[idx])
+        img = Image.fromarray(self.src[idx][0].permute(1, 2, 0).numpy()) if self.src else Image.open(self.files[idx])
         W0, H0 = img.size
         top, left, h, w = random_resized_crop_params(W0, H0, a.crop_scale, (3 / 4, 4 / 3), rng)  # timm's 10 tries
         if img.format == 'JPEG':  # decode at reduced size while the crop still covers the output size
@@ -167,18 +166,16 @@ class TwoViews(torch.utils.data.Dataset):
         img = to_mode(img, 3)
         fx, fy = img.size[0] / W0, img.size[1] / H0
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        views = [img.resize(self.size[::-1], Image.BICUBIC, box=box), img.resize(self.tok_size[::-1], Image.LANCZOS,
-                                                                                  box=box)]
+        views = [img.resize(self.size[::-1], Image.BICUBIC, box=box),
+                 img.resize(self.tok_size[::-1], Image.LANCZOS, box=box)]
         factors = [rng.uniform(0.6, 1.4) for _ in range(3)]  # ColorJitter(0.4, 0.4, 0.4): random factors and order
         for k in rng.sample(range(3), 3):
             enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[k]
             views = [enhance(v).enhance(factors[k]) for v in views]
         flip = rng.random() < 0.5
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
-        views = [v.flip(-1) if flip else v for v in views]
-        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block,
-                          a.max_mask_patches_per_block)
-        return views[0], views[1], torch.from_numpy(mask.reshape(-1))
+        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block, a.max_mask_patches_per_block)
+        return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
     def __getitem__(self, key):
         epoch, idx = key if isinstance(key, tuple) else (0, key)
@@ -187,7 +184,7 @@ class TwoViews(torch.utils.data.Dataset):
             try:
                 return *self.load(i, random.Random(f'{self.args.seed}-{epoch}-{i}')), skipped
             except Exception as e:  # unreadable: warn, use the next file, count it
-                print(f'warning: skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}', flush=True)
+                print(f'warning: skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
         raise RuntimeError('no readable image in the dataset')
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
@@ -231,13 +228,12 @@ class Encoder(nn.Module):
 
     def __init__(self, n_hid=256, n_blk=2, vocab=8192, in_chans=3):
         super().__init__()
-        groups, n_layers, n_in = OrderedDict(input=Conv(in_chans, n_hid, 7)), 4 * n_blk, n_hid
-        for g in range(4):
-            blocks = OrderedDict((f'block_{i + 1}', EncoderBlock(n_in if i == 0 else n_hid * 2 ** g, n_hid * 2 ** g,
-                                                                 n_layers)) for i in range(n_blk))
-            groups[f'group_{g + 1}'] = nn.Sequential(OrderedDict(blocks, **({'pool': nn.MaxPool2d(2)} if g < 3 else {})))
-            n_in = n_hid * 2 ** g
-        groups['output'] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv(n_in, vocab, 1)))
+        groups, widths = OrderedDict(input=Conv(in_chans, n_hid, 7)), [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
+        for g in range(1, 5):
+            blocks = OrderedDict((f'block_{i + 1}', EncoderBlock(widths[g - (i == 0)], widths[g], 4 * n_blk))
+                                 for i in range(n_blk))
+            groups[f'group_{g}'] = nn.Sequential(OrderedDict(blocks, **({'pool': nn.MaxPool2d(2)} if g < 4 else {})))
+        groups['output'] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv(widths[4], vocab, 1)))
         self.blocks, self.vocab = nn.Sequential(groups), vocab
 
     def forward(self, x):  # x (B, 3, 8h, 8w) in [0.1, 0.9]
@@ -279,19 +275,18 @@ class PickledModule:
     def __setstate__(self, state):
         self.__dict__.update(state)
 
+    def tensors(self, prefix=''):  # parameters and buffers, named as the module's state dict names them
+        d = self.__dict__
+        out = {prefix + k: v.detach() for k, v in {**d.get('_parameters', {}), **d.get('_buffers', {})}.items()
+               if v is not None}
+        for name, child in d.get('_modules', {}).items():
+            out.update(child.tensors(f'{prefix}{name}.'))
+        return out
+
 
 PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d',
            'torch.nn.modules.container.Sequential', 'torch.nn.modules.activation.ReLU',
            'torch.nn.modules.pooling.MaxPool2d', 'torch.nn.modules.linear.Identity')
-
-
-def module_tensors(m, prefix=''):
-    """Parameters and buffers of a PickledModule tree, named as its state dict would name them."""
-    own = {**(m.__dict__.get('_parameters') or {}), **(m.__dict__.get('_buffers') or {})}
-    out = {prefix + k: v.detach() for k, v in own.items() if v is not None}
-    for name, child in (m.__dict__.get('_modules') or {}).items():
-        out.update(module_tensors(child, f'{prefix}{name}.'))
-    return out
 
 
 def load_tokenizer(path):
@@ -306,19 +301,15 @@ def load_tokenizer(path):
     except Exception as e:
         raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
                          f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
-    sd = module_tensors(obj) if isinstance(obj, PickledModule) else obj.get('model', obj)
+    sd = obj.tensors() if isinstance(obj, PickledModule) else obj.get('model', obj)
     enc = {k.removeprefix('encoder.'): v for k, v in sd.items() if not k.startswith('decoder.')}
     if 'blocks.input.w' not in enc:
         raise SystemExit(f'--tokenizer {path}: no DALL-E encoder tensors (keys like {list(sd)[:3]})')
-    n_hid, in_chans = enc['blocks.input.w'].shape[:2]
-    n_blk, vocab = sum(k.endswith('res_path.conv_1.w') for k in enc if k.startswith('blocks.group_1.')), \
-        enc['blocks.output.conv.w'].shape[0]
-    if 'decoder.0.weight' in sd:
-        tok = DVAE(vocab, n_hid, n_blk)
-        tok.load_state_dict(sd)
-    else:
-        tok = Encoder(n_hid, n_blk, vocab, in_chans)
-        tok.load_state_dict({k: v.float() for k, v in enc.items()})
+    (n_hid, in_chans), vocab = enc['blocks.input.w'].shape[:2], enc['blocks.output.conv.w'].shape[0]
+    n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in enc)
+    own = 'decoder.0.weight' in sd  # our tokenizer.pth: encoder + decoder
+    tok = DVAE(vocab, n_hid, n_blk) if own else Encoder(n_hid, n_blk, vocab, in_chans)
+    tok.load_state_dict({k: v.float() for k, v in (sd if own else enc).items()})
     return tok.requires_grad_(False).eval()
 
 # --------------------------------------------------------------------------- model
@@ -423,36 +414,29 @@ def visualize(model, tokenizer, batch, args, path):
     model.train(was_training)
 
 
-def save_curve(path, points, title, size=(640, 360)):
-    """A polyline of (step, value) points with the range printed."""
-    W, H, m = size[0], size[1], 40
-    img = Image.new('RGB', size, 'white')
+def save_curve(path, points, title, W=640, H=360, m=40):
+    """A polyline of (step, value) points, with the value range and the steps written on it."""
+    img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline='black')
-    if len(points) >= 2:
-        (x0, y0), (x1, y1) = np.min(points, 0), np.max(points, 0)
-        d.line([(m + (x - x0) * (W - 1.5 * m) / max(x1 - x0, 1), H - m - (y - y0) * (H - 1.5 * m) / max(y1 - y0, 1e-12))
-                for x, y in points], fill='blue', width=2)
-        d.text((2, m // 2), f'{y1:.3g}', fill='black', font=FONT)
-        d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
-        d.text((m, H - m + 4), f'step {x0:g} .. {x1:g}', fill='black', font=FONT)
-    d.text((W // 2 - 40, 4), title, fill='black', font=FONT)
+    (x0, y0), (x1, y1) = np.min(points, 0), np.max(points, 0)
+    d.line([(m + (x - x0) * (W - 1.5 * m) / max(x1 - x0, 1), H - m - (y - y0) * (H - 1.5 * m) / max(y1 - y0, 1e-12))
+            for x, y in points], fill='blue', width=2)
+    d.text((4, 4), f'{title}: {y0:.3g} .. {y1:.3g}, steps {x0:g} .. {x1:g}', fill='black', font=FONT)
     img.save(path)
 
 # --------------------------------------------------------------------------- training
 
 
 def check(args):
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none') or args.stage not in ('pretrain',
-                                                                                                  'tokenizer'):
-        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none; --stage pretrain or '
-                         f'tokenizer')
+    """The method's own checks; returns the patch grid."""
+    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none') or args.stage not in STAGES:
+        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none; --stage {STAGES}')
     patch, H, W = MODELS[args.model][0], *pair(args.input_size)
-    if H % patch or W % patch:
-        raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
-    if len(args.mean) != 3 or len(args.std) != 3:
-        raise SystemExit('--mean/--std need 3 values')
-    return (H // patch, W // patch)
+    if H % patch or W % patch or len(args.mean) != 3 or len(args.std) != 3:
+        raise SystemExit(f'--input_size {H} {W} must be divisible by the patch size {patch} of --model {args.model}; '
+                         f'--mean/--std need 3 values')
+    return H // patch, W // patch
 
 
 def gumbel_temp(step, total, t0, t1):  # the Gumbel temperature: cosine from t0 to t1 over the run
@@ -476,21 +460,17 @@ def train_tokenizer(args):
               f'-> {grid[0]}x{grid[1]} tokens; {len(dataset)} images, {steps_per_epoch} steps/epoch (NOT the DALL-E '
               f'tokenizer of the paper)')
     logger, step, scaler = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False)
-    for epoch in range(args.tok_epochs):
-        sampler.set_epoch(epoch)
-        for _, tok_imgs, _, skipped in loader:
+    while step < total:
+        sampler.set_epoch(step // steps_per_epoch)
+        for _, tok_imgs, _, skipped in itertools.islice(loader, total - step):
             temp = gumbel_temp(step, total, *args.tok_temp)
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
             logger.add(ex['rec_loss'], skipped)  # the logged loss is the reconstruction MSE
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
-            if step % args.log_every == 0 or step == total:
-                logger.log_step(epoch + 1, step, total, temp, args.batch_size * d.world, args.max_bad_steps)
-            if step >= total:
-                break
-        if step >= total:
-            break
+            if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
+                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world, args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
@@ -601,17 +581,15 @@ def main(args):
             logger.stepped(bad)
             step += 1
             if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
-                n_micro = torch.tensor(float(logger.micro), device=d.device)
+                acc = torch.stack([acc_sum, acc_sum.new_tensor(logger.micro)])  # read before log_step resets micro
                 stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
                                        optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
-                acc = torch.stack([acc_sum, n_micro])
                 if d.world > 1:
                     dist.all_reduce(acc)
                 acc_sum.zero_()
                 if d.main:  # the Logger records the loss only: the masked-token accuracy goes beside it
                     print(f'step {step} mlm_acc {(acc[0] / acc[1]).item():.4f}', flush=True)
-                    with open(acc_path, 'a') as f:
-                        f.write(json.dumps({'step': step, 'mlm_acc': (acc[0] / acc[1]).item()}) + '\n')
+                    print(json.dumps({'step': step, 'mlm_acc': (acc[0] / acc[1]).item()}), file=open(acc_path, 'a'))
             if stop or step >= total_steps:
                 break
         epoch_complete = step == (epoch + 1) * steps_per_epoch
