@@ -13,25 +13,22 @@ each masked patch: cross-entropy over all masked tokens of the batch.
 restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
 Deviations from the reference:
-- The effective batch is `--global_batch` (2048, README 16 GPUs x 128); `accum_iter` is derived from it (the
-  reference has no accumulation). The lr is absolute, not scaled by the batch, as in the reference.
-- bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16
-  but its last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
-- ColorJitter is applied to the two resized views (same factors and order) instead of the full image before the
-  crop, so the contrast mean is the view's; the flip is applied after the crop (same distribution). All randomness
-  of an item (crop, jitter, flip, mask) is a pure function of (seed, epoch, index), so a resumed run is exact.
+- `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
+- bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16, its
+  last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
+- ColorJitter acts on the two resized views (same factors and order), not on the full image before the crop, so
+  the contrast mean is the view's; the flip comes after the crop (same distribution). An item's randomness (crop,
+  jitter, flip, mask) is a pure function of (seed, epoch, index), so a resumed run is exact.
 - A non-finite loss/gradient skips the step and is counted (reference: sys.exit); `--max_bad_steps` stop the run.
-- An epoch is truncated to whole accumulation cycles. No masked patch at all gives loss 0, not NaN.
-- AdamW is torch's fused kernel; weight decay is constant (as the reference's default wd schedule); no
-  `--warmup_steps` (IN-22k recipe): give `--warmup_epochs`. `checkpoint-<epoch>.pth` counts finished epochs.
+  An epoch is truncated to whole accumulation cycles. No masked patch at all gives loss 0, not NaN.
+- Fused AdamW; constant weight decay (the reference's default wd schedule is constant); no `--warmup_steps`
+  (IN-22k recipe). `checkpoint-<epoch>.pth` counts finished epochs (reference: 0-based).
 - The own tokenizer (`--stage tokenizer`) is ours, not the DALL-E tokenizer the paper used; it has no resume.
 """
 import dataclasses
 import itertools
 import json
 import math
-import random
-import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -94,20 +91,20 @@ class Args:
     keep_every: int = 20  # ref save_ckpt_freq: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     vocab_size: int = 8192  # own tokenizer: codebook size (DALL-E: 8192)
-    tok_width: int = 64  # own tokenizer: width of its first stage (DALL-E encoder: 256); ours
+    tok_width: int = 128  # own tokenizer: conv width; ours
     tok_epochs: int = 20  # own tokenizer: epochs; ours
-    tok_lr: float = 1e-3  # own tokenizer: Adam lr; ours (DALLE-pytorch default)
+    tok_lr: float = 1e-3  # own tokenizer: Adam lr (DALLE-pytorch default)
     tok_temp: tuple = (1.0, 1 / 16)  # own tokenizer: Gumbel-softmax temperature, cosine first -> last (DALL-E A.2)
-    kl_weight: float = 1e-3  # own tokenizer: weight of KL(q || uniform); ours
+    kl_weight: float = 0.05  # own tokenizer: weight of KL(q || uniform) (keeps more codes in use); ours
 
 
 # name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
 STAGES = ('pretrain', 'tokenizer')
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
-            crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=8, warmup_epochs=1, lr=2e-3,
-            num_workers=2, output_dir='output_beit_demo', log_every=4, keep_every=4, vocab_size=64, tok_width=32,
-            tok_epochs=6, tok_lr=2e-3, tok_temp=(1.0, 0.25))
+            crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3,
+            num_workers=2, output_dir='output_beit_demo', log_every=4, keep_every=2, vocab_size=64, tok_width=32,
+            tok_epochs=8, tok_lr=3e-3)
 
 # --------------------------------------------------------------------------- masking (paper Sec. 2.2, Alg. 1)
 
@@ -142,19 +139,20 @@ def block_mask(rng, grid, num_masking_patches=75, min_num_patches=16, max_num_pa
 # --------------------------------------------------------------------------- data: two views of one crop
 
 
-class TwoViews(torch.utils.data.Dataset):
+class TwoViews(ImageFiles):
     """ref DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) + flip + one RandomResizedCrop giving the ViT view
-    (bicubic) and the tokenizer view (Lanczos, 8 px per patch), plus a fresh blockwise mask. Items: (uint8 (3, H, W),
-    uint8 (3, 8gh, 8gw), bool (N,), n_skipped); the randomness is a pure function of (seed, epoch, index)."""
+    (bicubic) and the tokenizer view (Lanczos, 8 px per patch), plus a fresh blockwise mask. Items: ((uint8 (3, H, W),
+    uint8 (3, 8gh, 8gw), bool (N,)), label, n_skipped); ImageFiles skips unreadable files and seeds each item's
+    random.Random from (seed, epoch, index). `synthetic[:N]`: procedural images go through the same transform."""
 
     def __init__(self, args, grid):
-        synthetic, n = args.data.startswith('synthetic'), int((args.data + ':10000').split(':')[1] or 0)
-        self.src = SyntheticImages(n, args.input_size, 3, args.seed) if synthetic else None
-        self.files = None if synthetic else ImageFiles(args.data, args.input_size).files
+        if args.data.startswith('synthetic'):
+            self.src = SyntheticImages(int((args.data + ':10000').split(':')[1]), args.input_size, 3, args.seed)
+            self.files, self.labels, self.seed = range(len(self.src)), [0] * len(self.src), args.seed
+        else:
+            super().__init__(args.data, args.input_size, seed=args.seed)
+            self.src = None
         self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
-
-    def __len__(self):
-        return len(self.src) if self.src else len(self.files)
 
     def load(self, idx, rng):
         a = self.args
@@ -176,16 +174,6 @@ class TwoViews(torch.utils.data.Dataset):
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
         mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block, a.max_mask_patches_per_block)
         return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
-
-    def __getitem__(self, key):
-        epoch, idx = key if isinstance(key, tuple) else (0, key)
-        for skipped in range(len(self)):
-            i = (idx + skipped) % len(self)
-            try:
-                return *self.load(i, random.Random(f'{self.args.seed}-{epoch}-{i}')), skipped
-            except Exception as e:  # unreadable: warn, use the next file, count it
-                print(f'warning: skipping unreadable image {self.files[i]}: {type(e).__name__}: {e}', file=sys.stderr)
-        raise RuntimeError('no readable image in the dataset')
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
 
@@ -234,10 +222,10 @@ class Encoder(nn.Module):
                                  for i in range(n_blk))
             groups[f'group_{g}'] = nn.Sequential(OrderedDict(blocks, **({'pool': nn.MaxPool2d(2)} if g < 4 else {})))
         groups['output'] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv(widths[4], vocab, 1)))
-        self.blocks, self.vocab = nn.Sequential(groups), vocab
+        self.blocks, self.vocab = nn.Sequential(groups), vocab  # (B, 3, 8h, 8w) in [0.1, 0.9] -> (B, V, h, w)
 
-    def forward(self, x):  # x (B, 3, 8h, 8w) in [0.1, 0.9]
-        return self.blocks(x)  # (B, V, h, w) logits
+    def forward(self, x):
+        return self.blocks(x)
 
     @torch.no_grad()
     def tokens(self, x):
@@ -245,18 +233,24 @@ class Encoder(nn.Module):
 
 
 class DVAE(nn.Module):
-    """The file's own small discrete VAE: the encoder above, a Gumbel-softmax relaxation of its token choice, and a
-    conv decoder (1x1 "codebook" conv, three x2 upsamplings). Loss = MSE in [0.1, 0.9] + kl_weight KL(q || uniform)."""
+    """The file's own small discrete VAE (DALLE-pytorch's DiscreteVAE without res blocks; small and quick to train):
+    three stride-2 convs to vocab logits (8x downsampling), a Gumbel-softmax relaxation of the token choice, a 1x1
+    "codebook" conv and three transposed convs back. Loss = MSE in [0.1, 0.9] + kl_weight x KL(q || uniform)."""
 
-    def __init__(self, vocab, width, n_blk=1):
+    def __init__(self, vocab, width):
         super().__init__()
-        self.encoder, w = Encoder(width, n_blk, vocab), 4 * width
-        layers = [nn.Conv2d(vocab, w, 1)]
-        for c in (w, w // 2, w // 4):
-            layers += [nn.ReLU(), nn.Conv2d(c if c == w else 2 * c, c, 3, padding=1), nn.Upsample(scale_factor=2)]
-        self.decoder = nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(w // 4, 3, 1))
-        self.vocab, self.tokens = vocab, self.encoder.tokens
+        conv, convt, w = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1)), width
+        self.encoder = nn.Sequential(conv(3, w), nn.ReLU(), conv(w, w), nn.ReLU(), conv(w, w), nn.ReLU(),
+                                     nn.Conv2d(w, vocab, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), nn.ReLU(), convt(w, w), nn.ReLU(), convt(w, w), nn.ReLU(),
+                                     convt(w, 3))
+        self.vocab = vocab
 
+    @torch.no_grad()
+    def tokens(self, x):
+        return self.encoder(x).argmax(1).flatten(1)  # (B, h*w)
+
+    @torch.no_grad()
     def decode(self, ids, grid):  # ids (B, h*w) -> (B, 3, 8h, 8w) in [0, 1]
         z = F.one_hot(ids, self.vocab).permute(0, 2, 1).reshape(ids.shape[0], self.vocab, *grid).float()
         return ((self.decoder(z) - 0.1) / 0.8).clamp(0, 1)
@@ -302,14 +296,14 @@ def load_tokenizer(path):
         raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
                          f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
     sd = obj.tensors() if isinstance(obj, PickledModule) else obj.get('model', obj)
-    enc = {k.removeprefix('encoder.'): v for k, v in sd.items() if not k.startswith('decoder.')}
-    if 'blocks.input.w' not in enc:
-        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder tensors (keys like {list(sd)[:3]})')
-    (n_hid, in_chans), vocab = enc['blocks.input.w'].shape[:2], enc['blocks.output.conv.w'].shape[0]
-    n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in enc)
-    own = 'decoder.0.weight' in sd  # our tokenizer.pth: encoder + decoder
-    tok = DVAE(vocab, n_hid, n_blk) if own else Encoder(n_hid, n_blk, vocab, in_chans)
-    tok.load_state_dict({k: v.float() for k, v in (sd if own else enc).items()})
+    if 'decoder.0.weight' in sd:  # our tokenizer.pth
+        tok = DVAE(sd['decoder.0.weight'].shape[1], sd['decoder.0.weight'].shape[0])
+    elif 'blocks.input.w' in sd:  # the DALL-E encoder
+        (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
+        tok = Encoder(n_hid, sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd), vocab, in_chans)
+    else:
+        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})')
+    tok.load_state_dict({k: v.float() for k, v in sd.items()})
     return tok.requires_grad_(False).eval()
 
 # --------------------------------------------------------------------------- model
@@ -331,10 +325,8 @@ class BEiT(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch, 3, dim)
         self.grid = self.patch_embed.grid_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        n = self.grid[0] * self.grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim)) if abs_pos_emb else None
+        self.cls_token, self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim)) if abs_pos_emb else None
         self.rel_pos_bias = RelativePositionBias(self.grid, heads) if rel_pos_bias else None  # zero table
         dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth rule
         self.blocks = nn.ModuleList(Block(dim, heads, qv_bias=True, init_values=init_values, drop_path=p) for p in dpr)
@@ -348,8 +340,8 @@ class BEiT(nn.Module):
         for t in (self.cls_token, self.mask_token) + ((self.pos_embed,) if abs_pos_emb else ()):
             trunc_normal_1sigma(t)
         for i, blk in enumerate(self.blocks):  # ref fix_init_weight
-            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
-            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+                w.data.div_(math.sqrt(2.0 * (i + 1)))
 
     def forward_features(self, imgs, mask):
         x = self.patch_embed(imgs)  # (B, N, D)
@@ -392,14 +384,11 @@ def beit_loss(logits, input_ids, mask):
 def visualize(model, tokenizer, batch, args, path):
     """original | masked input | tokenizer's decoding of the true tokens | of the predicted tokens at the masked
     patches (true tokens elsewhere) | masked patches green where the predicted token is right, red where wrong."""
-    was_training = model.training
+    was_training, (imgs, tok_imgs, mask) = model.training, batch
     model.eval()
-    imgs, tok_imgs, mask = batch
-    x = normalize(imgs, args.mean, args.std)
     ids = tokenizer.tokens(map_pixels(tok_imgs))  # (B, N)
-    _, out = model(x, mask, ids)
-    pred = ids.clone()
-    pred[mask] = out['logits'].argmax(-1)
+    _, out = model(normalize(imgs, args.mean, args.std), mask, ids)
+    pred = ids.masked_scatter(mask, out['logits'].argmax(-1))  # (B, N): predictions at the masked patches
     p, (gh, gw) = model.patch_embed.patch_size, model.grid
     up = lambda m: m.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # noqa: E731
     orig = imgs.float() / 255
@@ -407,7 +396,7 @@ def visualize(model, tokenizer, batch, args, path):
     if hasattr(tokenizer, 'decode'):
         dec = lambda t: F.interpolate(tokenizer.decode(t, (gh, gw)), size=orig.shape[-2:], mode='nearest')  # noqa
         cols += [('true tokens\ndecoded', dec(ids)), ('predicted at\nmask, decoded', dec(pred))]
-    hit = torch.tensor([0.1, 0.8, 0.1], device=x.device).view(1, 3, 1, 1)
+    hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)
     colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])  # green right, red wrong
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
     save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (chance {1 / tokenizer.vocab:.4f})')
@@ -436,11 +425,9 @@ def check(args):
     if H % patch or W % patch or len(args.mean) != 3 or len(args.std) != 3:
         raise SystemExit(f'--input_size {H} {W} must be divisible by the patch size {patch} of --model {args.model}; '
                          f'--mean/--std need 3 values')
+    if args.stage == 'pretrain' and args.tokenizer is None:
+        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
     return H // patch, W // patch
-
-
-def gumbel_temp(step, total, t0, t1):  # the Gumbel temperature: cosine from t0 to t1 over the run
-    return t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
 def train_tokenizer(args):
@@ -452,18 +439,16 @@ def train_tokenizer(args):
     steps_per_epoch = len(sampler) // args.batch_size
     total = min(args.tok_epochs * steps_per_epoch, args.max_steps or math.inf)
     vae = DVAE(args.vocab_size, args.tok_width).to(d.device)
-    params = list(vae.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.tok_lr, fused=True)
+    optimizer = torch.optim.Adam(params := list(vae.parameters()), lr=args.tok_lr, fused=True)
     fwd = nn.parallel.DistributedDataParallel(vae) if d.world > 1 else vae
     if d.main:
-        print(f'tokenizer: own dVAE, vocab {args.vocab_size}, width {args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px '
-              f'-> {grid[0]}x{grid[1]} tokens; {len(dataset)} images, {steps_per_epoch} steps/epoch (NOT the DALL-E '
-              f'tokenizer of the paper)')
-    logger, step, scaler = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False)
+        print(f'tokenizer: own dVAE (NOT the DALL-E tokenizer of the paper), vocab {args.vocab_size}, width '
+              f'{args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
+    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)
-        for _, tok_imgs, _, skipped in itertools.islice(loader, total - step):
-            temp = gumbel_temp(step, total, *args.tok_temp)
+        for (_, tok_imgs, _), _, skipped in itertools.islice(loader, total - step):
+            temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
             logger.add(ex['rec_loss'], skipped)  # the logged loss is the reconstruction MSE
@@ -474,9 +459,8 @@ def train_tokenizer(args):
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-        x = torch.stack([dataset[(0, i)][1] for i in range(min(8, len(dataset)))]).to(d.device)
-        with torch.no_grad():
-            rec = vae.decode(vae.tokens(map_pixels(x)), grid)
+        x = torch.stack([dataset[(0, i)][0][1] for i in range(min(8, len(dataset)))]).to(d.device)  # tokenizer views
+        rec = vae.decode(vae.tokens(map_pixels(x)), grid)  # (B, 3, 8h, 8w)
         save_grid(out / 'vis.png', [('original', x.float() / 255), ('tokens decoded', rec)])
         print(f'wrote {out / "tokenizer.pth"}')
     if d.world > 1:
@@ -500,14 +484,12 @@ def main(args):
             train_tokenizer(dataclasses.replace(args, output_dir=str(tok.parent), log_every=10))
         args = dataclasses.replace(args, tokenizer=str(tok))
     grid = check(args)
-    if args.tokenizer is None:
-        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
     d, out = setup_run(args)  # process group, seeds + rank, output folder
     tokenizer = load_tokenizer(args.tokenizer).to(d.device)  # frozen, not in the optimizer
     patch, dim, depth, heads, layer_scale = MODELS[args.model]
-    layer_scale = layer_scale if args.layer_scale is None else args.layer_scale
-    model = BEiT(pair(args.input_size), patch, dim, depth, heads, tokenizer.vocab, args.drop_path, layer_scale,
-                 args.abs_pos_emb, args.rel_pos_bias).to(d.device)
+    model = BEiT(pair(args.input_size), patch, dim, depth, heads, tokenizer.vocab, args.drop_path,
+                 layer_scale if args.layer_scale is None else args.layer_scale, args.abs_pos_emb,
+                 args.rel_pos_bias).to(d.device)
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
     dataset = TwoViews(args, grid)
@@ -538,7 +520,7 @@ def main(args):
               f'{args.lr:g} (absolute: the reference does not scale it by the batch), warmup {args.warmup_epochs} '
               f'epochs from 0, cosine to {args.min_lr:g}')
 
-    vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][:3] for i in range(8)])]
+    vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][0] for i in range(8)])]
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     acc_path, acc_sum = out / 'mlm_acc.jsonl', torch.zeros((), device=d.device)
 
@@ -546,9 +528,9 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-            if acc_path.exists():
-                pts = [(r['step'], r['mlm_acc']) for r in map(json.loads, open(acc_path))]
-                save_curve(out / 'mlm_acc.png', pts, f'masked-token accuracy (chance {1 / tokenizer.vocab:.2g})')
+            if acc_path.exists():  # written at log steps
+                save_curve(out / 'mlm_acc.png', [(r['step'], r['mlm_acc']) for r in map(json.loads, open(acc_path))],
+                           f'masked-token accuracy (chance {1 / tokenizer.vocab:.2g})')
 
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
@@ -558,7 +540,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            imgs, tok_imgs, mask, skipped = next(batches)
+            (imgs, tok_imgs, mask), _, skipped = next(batches)
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, 3, H, W)
             mask = mask.to(d.device, non_blocking=True)  # (B, N) bool, drawn in the workers
