@@ -3,14 +3,12 @@
 Reference: github.com/microsoft/unilm beit/ (modeling_pretrain.py, masking_generator.py, run_beit_pretraining.py,
 engine_for_pretraining.py, datasets.py, dall_e/, optim_factory.py, utils.py). The encoder sees every patch, blockwise
 masked ones replaced by a learned mask token, and predicts the visual token (one of 8192) that a frozen dVAE gives
-each masked patch: cross-entropy over all masked tokens of the batch.
+each masked patch. `encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com/dall-e/encoder.pkl, downloaded
+once), read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
     python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
     torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
     python beit.py --stage tokenizer --data DIR   # train the file's own small dVAE -> output_beit/tokenizer.pth
-
-`encoder.pkl` (OpenAI's DALL-E dVAE encoder, cdn.openai.com/dall-e/encoder.pkl, downloaded once) is read by a
-restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
 Deviations from the reference:
 - `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
@@ -41,9 +39,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageEnhance
 
-from common import (FONT, IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
                     SyntheticImages, accumulation, amp_setup, make_loader, normalize, optimizer_step, pair,
                     param_groups, parse_args, random_resized_crop_params, resume, save_checkpoint, save_grid,
                     save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
@@ -62,12 +60,10 @@ class Args:
     input_size: tuple = (224,)  # H [W]; ref --input_size; the tokenizer sees 8 px per patch (ref 112)
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
     min_mask_patches_per_block: int = 16  # ref
-    max_mask_patches_per_block: Optional[int] = None  # ref: None = num_mask_patches
     crop_scale: tuple = (0.08, 1.0)  # ref RandomResizedCropAndInterpolationWithTwoPic
     drop_path: float = 0.1  # README
     layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; README); 0 = no layer scale
-    abs_pos_emb: bool = False  # ref --abs_pos_emb (the released pt1k_800ep checkpoint used it)
-    rel_pos_bias: bool = True  # ref shared relative position bias (--no-rel_pos_bias = --disable_rel_pos_bias)
+    abs_pos_emb: bool = False  # ref --abs_pos_emb (the pt1k_800ep release: with --layer_scale 0; rel table left 0)
     batch_size: int = 128  # per GPU; README
     global_batch: int = 2048  # README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
     epochs: int = 800  # README IN-1k
@@ -100,20 +96,17 @@ class Args:
 
 # name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
-STAGES = ('pretrain', 'tokenizer')
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
-            crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3,
-            num_workers=2, output_dir='output_beit_demo', log_every=4, keep_every=2, vocab_size=64, tok_width=32,
-            tok_epochs=8, tok_lr=3e-3)
+            crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3, num_workers=2,
+            output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3)
 
 # --------------------------------------------------------------------------- masking (paper Sec. 2.2, Alg. 1)
 
 
 def block_mask(rng, grid, num_masking_patches=75, min_num_patches=16, max_num_patches=None, min_aspect=0.3):
     """ref MaskingGenerator: add random blocks (area uniform in [min, budget], log-uniform aspect in [0.3, 1/0.3],
-    strictly smaller than the grid) until num_masking_patches are masked; a block counts only if it adds between 1
-    and budget new patches; 10 failed tries end the mask early (below the target). rng: random.Random.
-    Returns (gh, gw) bool numpy, True = masked."""
+    strictly smaller than the grid) that add 1..budget new patches until num_masking_patches are masked; 10 failed
+    tries end the mask early, below the target. rng: random.Random. Returns (gh, gw) bool numpy, True = masked."""
     gh, gw = grid
     max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -141,9 +134,8 @@ def block_mask(rng, grid, num_masking_patches=75, min_num_patches=16, max_num_pa
 
 class TwoViews(ImageFiles):
     """ref DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) + flip + one RandomResizedCrop giving the ViT view
-    (bicubic) and the tokenizer view (Lanczos, 8 px per patch), plus a fresh blockwise mask. Items: ((uint8 (3, H, W),
-    uint8 (3, 8gh, 8gw), bool (N,)), label, n_skipped); ImageFiles skips unreadable files and seeds each item's
-    random.Random from (seed, epoch, index). `synthetic[:N]`: procedural images go through the same transform."""
+    (bicubic) and the tokenizer view (Lanczos, 8 px per patch), and a fresh blockwise mask. Items: ((uint8 (3, H, W),
+    uint8 (3, 8gh, 8gw), bool (N,)), label, n_skipped); ImageFiles skips bad files and seeds the item's rng."""
 
     def __init__(self, args, grid):
         if args.data.startswith('synthetic'):
@@ -172,14 +164,13 @@ class TwoViews(ImageFiles):
             views = [enhance(v).enhance(factors[k]) for v in views]
         flip = rng.random() < 0.5
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
-        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block, a.max_mask_patches_per_block)
+        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block)  # ref max per block: None
         return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
 
 
-def map_pixels(x):
-    """DALL-E's input mapping of [0, 1] pixels to [0.1, 0.9]; x uint8 (B, 3, h, w)."""
+def map_pixels(x):  # DALL-E's input mapping: uint8 (B, 3, h, w) -> float in [0.1, 0.9]
     return x.float() / 255 * 0.8 + 0.1
 
 
@@ -227,28 +218,20 @@ class Encoder(nn.Module):
     def forward(self, x):
         return self.blocks(x)
 
-    @torch.no_grad()
-    def tokens(self, x):
-        return self.blocks(x).argmax(1).flatten(1)  # (B, h*w) visual tokens, row-major
-
 
 class DVAE(nn.Module):
     """The file's own small discrete VAE (DALLE-pytorch's DiscreteVAE without res blocks; small and quick to train):
     three stride-2 convs to vocab logits (8x downsampling), a Gumbel-softmax relaxation of the token choice, a 1x1
     "codebook" conv and three transposed convs back. Loss = MSE in [0.1, 0.9] + kl_weight x KL(q || uniform)."""
 
-    def __init__(self, vocab, width):
+    def __init__(self, vocab, w):
         super().__init__()
-        conv, convt, w = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1)), width
+        conv, convt = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1))
         self.encoder = nn.Sequential(conv(3, w), nn.ReLU(), conv(w, w), nn.ReLU(), conv(w, w), nn.ReLU(),
                                      nn.Conv2d(w, vocab, 1))
         self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), nn.ReLU(), convt(w, w), nn.ReLU(), convt(w, w), nn.ReLU(),
                                      convt(w, 3))
         self.vocab = vocab
-
-    @torch.no_grad()
-    def tokens(self, x):
-        return self.encoder(x).argmax(1).flatten(1)  # (B, h*w)
 
     @torch.no_grad()
     def decode(self, ids, grid):  # ids (B, h*w) -> (B, 3, 8h, 8w) in [0, 1]
@@ -263,19 +246,13 @@ class DVAE(nn.Module):
         return rec_loss + kl_weight * kl, {'rec_loss': rec_loss, 'rec': rec}
 
 
-class PickledModule:
-    """Stands in for each module class of a pickled `dall_e` encoder: keeps the attribute dict, runs no code."""
+@torch.no_grad()
+def visual_tokens(tokenizer, x):  # (B, 3, 8h, 8w) in [0.1, 0.9] -> (B, h*w): argmax over the vocabulary, row-major
+    return (tokenizer.encoder if isinstance(tokenizer, DVAE) else tokenizer)(x).argmax(1).flatten(1)
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
 
-    def tensors(self, prefix=''):  # parameters and buffers, named as the module's state dict names them
-        d = self.__dict__
-        out = {prefix + k: v.detach() for k, v in {**d.get('_parameters', {}), **d.get('_buffers', {})}.items()
-               if v is not None}
-        for name, child in d.get('_modules', {}).items():
-            out.update(child.tensors(f'{prefix}{name}.'))
-        return out
+class PickledModule(nn.Module):
+    """Stands in for each module class of a pickled dall_e encoder: gets its attributes, so state_dict() works."""
 
 
 PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d',
@@ -284,9 +261,8 @@ PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.util
 
 
 def load_tokenizer(path):
-    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a whole pickled dall_e Encoder (encoder.pkl:
-    torch's weights_only unpickler with the classes above mapped to PickledModule, so nothing foreign is built or
-    run), our tokenizer.pth ({'model': DVAE state}) or a plain state dict of Encoder."""
+    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl: torch's
+    weights_only unpickler, the classes above mapped to PickledModule), our tokenizer.pth, or an Encoder state dict."""
     if path == 'random':
         return Encoder()
     try:
@@ -295,12 +271,13 @@ def load_tokenizer(path):
     except Exception as e:
         raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
                          f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
-    sd = obj.tensors() if isinstance(obj, PickledModule) else obj.get('model', obj)
+    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj)
     if 'decoder.0.weight' in sd:  # our tokenizer.pth
         tok = DVAE(sd['decoder.0.weight'].shape[1], sd['decoder.0.weight'].shape[0])
     elif 'blocks.input.w' in sd:  # the DALL-E encoder
         (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
-        tok = Encoder(n_hid, sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd), vocab, in_chans)
+        n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd)
+        tok = Encoder(n_hid, n_blk, vocab, in_chans)
     else:
         raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})')
     tok.load_state_dict({k: v.float() for k, v in sd.items()})
@@ -321,15 +298,15 @@ class BEiT(nn.Module):
     relative position bias (no absolute positions by default), lm_head over the masked positions only."""
 
     def __init__(self, img_size, patch, dim, depth, heads, vocab=8192, drop_path=0.1, init_values=0.1,
-                 abs_pos_emb=False, rel_pos_bias=True):
+                 abs_pos_emb=False):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch, 3, dim)
         self.grid = self.patch_embed.grid_size
         self.cls_token, self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim)) if abs_pos_emb else None
-        self.rel_pos_bias = RelativePositionBias(self.grid, heads) if rel_pos_bias else None  # zero table
-        dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth rule
-        self.blocks = nn.ModuleList(Block(dim, heads, qv_bias=True, init_values=init_values, drop_path=p) for p in dpr)
+        self.rel_pos_bias = RelativePositionBias(self.grid, heads)  # shared by all blocks, zero table
+        self.blocks = nn.ModuleList(Block(dim, heads, qv_bias=True, init_values=init_values, drop_path=p)
+                                    for p in torch.linspace(0, drop_path, depth).tolist())  # stochastic depth rule
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.lm_head = nn.Linear(dim, vocab)
         for m in self.modules():  # ref _init_weights: trunc +-1 std for Linear and the patch Conv2d, zero biases
@@ -350,13 +327,12 @@ class BEiT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (1, heads, 1+N, 1+N), all blocks
+        bias = self.rel_pos_bias()  # (1, heads, 1+N, 1+N)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)  # (B, 1+N, D)
 
-    def forward(self, imgs, mask, input_ids):
-        """imgs (B, 3, H, W) normalised; mask (B, N) bool; input_ids (B, N) the tokenizer's tokens."""
+    def forward(self, imgs, mask, input_ids):  # imgs (B, 3, H, W) normalised; mask, input_ids (B, N)
         logits = self.lm_head(self.forward_features(imgs, mask)[:, 1:][mask])  # (N_mask_total, V), row-major
         loss = beit_loss(logits, input_ids, mask)
         acc = (logits.argmax(-1) == input_ids[mask]).float().sum() / mask.sum().clamp(min=1)
@@ -364,8 +340,7 @@ class BEiT(nn.Module):
 
 
 def encoder_state_dict(model):
-    """What the reference fine-tuning code loads (it copies the shared rel_pos_bias table into every block): the
-    pretraining state without lm_head."""
+    """What the reference fine-tuning code loads (it copies the shared rel-pos table into every block): no lm_head."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith('lm_head.')}
 
 # --------------------------------------------------------------------------- loss (paper Sec. 2.5)
@@ -386,7 +361,7 @@ def visualize(model, tokenizer, batch, args, path):
     patches (true tokens elsewhere) | masked patches green where the predicted token is right, red where wrong."""
     was_training, (imgs, tok_imgs, mask) = model.training, batch
     model.eval()
-    ids = tokenizer.tokens(map_pixels(tok_imgs))  # (B, N)
+    ids = visual_tokens(tokenizer, map_pixels(tok_imgs))  # (B, N)
     _, out = model(normalize(imgs, args.mean, args.std), mask, ids)
     pred = ids.masked_scatter(mask, out['logits'].argmax(-1))  # (B, N): predictions at the masked patches
     p, (gh, gw) = model.patch_embed.patch_size, model.grid
@@ -396,31 +371,20 @@ def visualize(model, tokenizer, batch, args, path):
     if hasattr(tokenizer, 'decode'):
         dec = lambda t: F.interpolate(tokenizer.decode(t, (gh, gw)), size=orig.shape[-2:], mode='nearest')  # noqa
         cols += [('true tokens\ndecoded', dec(ids)), ('predicted at\nmask, decoded', dec(pred))]
-    hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)
-    colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])  # green right, red wrong
+    hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)  # green right, red wrong:
+    colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
     save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (chance {1 / tokenizer.vocab:.4f})')
     model.train(was_training)
-
-
-def save_curve(path, points, title, W=640, H=360, m=40):
-    """A polyline of (step, value) points, with the value range and the steps written on it."""
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline='black')
-    (x0, y0), (x1, y1) = np.min(points, 0), np.max(points, 0)
-    d.line([(m + (x - x0) * (W - 1.5 * m) / max(x1 - x0, 1), H - m - (y - y0) * (H - 1.5 * m) / max(y1 - y0, 1e-12))
-            for x, y in points], fill='blue', width=2)
-    d.text((4, 4), f'{title}: {y0:.3g} .. {y1:.3g}, steps {x0:g} .. {x1:g}', fill='black', font=FONT)
-    img.save(path)
 
 # --------------------------------------------------------------------------- training
 
 
 def check(args):
     """The method's own checks; returns the patch grid."""
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none') or args.stage not in STAGES:
-        raise SystemExit(f'--model is one of {", ".join(MODELS)}; --amp one of bf16, fp16, none; --stage {STAGES}')
+    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none') or args.stage not in ('pretrain',
+                                                                                                  'tokenizer'):
+        raise SystemExit(f'--model one of {", ".join(MODELS)}; --amp bf16, fp16 or none; --stage pretrain or tokenizer')
     patch, H, W = MODELS[args.model][0], *pair(args.input_size)
     if H % patch or W % patch or len(args.mean) != 3 or len(args.std) != 3:
         raise SystemExit(f'--input_size {H} {W} must be divisible by the patch size {patch} of --model {args.model}; '
@@ -434,8 +398,7 @@ def train_tokenizer(args):
     """--stage tokenizer: train the file's own dVAE on the tokenizer view (8 px per patch); writes tokenizer.pth."""
     grid = check(args)
     d, out = setup_run(args)
-    dataset = TwoViews(args, grid)
-    loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
+    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
     steps_per_epoch = len(sampler) // args.batch_size
     total = min(args.tok_epochs * steps_per_epoch, args.max_steps or math.inf)
     vae = DVAE(args.vocab_size, args.tok_width).to(d.device)
@@ -444,7 +407,7 @@ def train_tokenizer(args):
     if d.main:
         print(f'tokenizer: own dVAE (NOT the DALL-E tokenizer of the paper), vocab {args.vocab_size}, width '
               f'{args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
-    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp
+    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp  # fp32
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)
         for (_, tok_imgs, _), _, skipped in itertools.islice(loader, total - step):
@@ -455,14 +418,11 @@ def train_tokenizer(args):
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
             if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
-                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world, args.max_bad_steps)
+                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world,
+                                args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-        x = torch.stack([dataset[(0, i)][0][1] for i in range(min(8, len(dataset)))]).to(d.device)  # tokenizer views
-        rec = vae.decode(vae.tokens(map_pixels(x)), grid)  # (B, 3, 8h, 8w)
-        save_grid(out / 'vis.png', [('original', x.float() / 255), ('tokens decoded', rec)])
-        print(f'wrote {out / "tokenizer.pth"}')
     if d.world > 1:
         dist.destroy_process_group()
     return vae
@@ -471,7 +431,7 @@ def train_tokenizer(args):
 def lr_at(step, lr, min_lr, warmup_steps, total_steps):
     """ref utils.cosine_scheduler: warmup = linspace(0, lr, warmup_steps), then cosine to min_lr."""
     if step < warmup_steps:
-        return lr * step / (warmup_steps - 1) if warmup_steps > 1 else lr
+        return lr * step / max(warmup_steps - 1, 1)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
 
 
@@ -481,15 +441,14 @@ def main(args):
     if args.demo and args.tokenizer is None:  # the demo first trains its own tokenizer (once)
         tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'
         if not tok.exists():
-            train_tokenizer(dataclasses.replace(args, output_dir=str(tok.parent), log_every=10))
+            train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent), log_every=10))
         args = dataclasses.replace(args, tokenizer=str(tok))
     grid = check(args)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
     tokenizer = load_tokenizer(args.tokenizer).to(d.device)  # frozen, not in the optimizer
-    patch, dim, depth, heads, layer_scale = MODELS[args.model]
-    model = BEiT(pair(args.input_size), patch, dim, depth, heads, tokenizer.vocab, args.drop_path,
-                 layer_scale if args.layer_scale is None else args.layer_scale, args.abs_pos_emb,
-                 args.rel_pos_bias).to(d.device)
+    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
+    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
+                 else args.layer_scale, args.abs_pos_emb).to(d.device)
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
     dataset = TwoViews(args, grid)
@@ -501,8 +460,8 @@ def main(args):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'})  # ref no_weight_decay()
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
+                                  lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
@@ -515,8 +474,8 @@ def main(args):
         print(json.dumps(dataclasses.asdict(args)))
         print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params, {grid[0]}x{grid[1]} '
               f'patches, up to {args.num_mask_patches} masked; tokenizer {args.tokenizer}: vocab {tokenizer.vocab}, '
-              f'{8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
-        print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; lr = '
+              f'{8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch\n'
+              f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; lr = '
               f'{args.lr:g} (absolute: the reference does not scale it by the batch), warmup {args.warmup_epochs} '
               f'epochs from 0, cosine to {args.min_lr:g}')
 
@@ -526,11 +485,8 @@ def main(args):
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
-            visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
+            visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done or step}.png')  # epoch_done >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-            if acc_path.exists():  # written at log steps
-                save_curve(out / 'mlm_acc.png', [(r['step'], r['mlm_acc']) for r in map(json.loads, open(acc_path))],
-                           f'masked-token accuracy (chance {1 / tokenizer.vocab:.2g})')
 
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
@@ -545,11 +501,10 @@ def main(args):
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, 3, H, W)
             mask = mask.to(d.device, non_blocking=True)  # (B, N) bool, drawn in the workers
             with torch.no_grad(), autocast:
-                input_ids = tokenizer.tokens(map_pixels(tok_imgs.to(d.device, non_blocking=True)))  # (B, N)
-            if it % accum == 0:  # ref: a per-step schedule array
-                for g in optimizer.param_groups:
-                    g['lr'] = lr_at(step, args.lr, args.min_lr, args.warmup_epochs * steps_per_epoch,
-                                    args.epochs * steps_per_epoch)
+                input_ids = visual_tokens(tokenizer, map_pixels(tok_imgs.to(d.device, non_blocking=True)))  # (B,N)
+            for g in optimizer.param_groups:  # ref: a per-step schedule array
+                g['lr'] = lr_at(step, args.lr, args.min_lr, args.warmup_epochs * steps_per_epoch,
+                                args.epochs * steps_per_epoch)
             update = (it + 1) % accum == 0
             with fwd.no_sync() if d.world > 1 and not update else nullcontext():
                 with autocast:
@@ -582,9 +537,8 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
+    if d.main and stop == 'preempted':
+        print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
     elif d.main:  # the end, or --max_steps: the encoder alone, as the reference fine-tuning code loads it
         torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
     if d.world > 1:

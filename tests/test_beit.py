@@ -120,8 +120,8 @@ def reference_keys(depth, abs_pos=False, rel=True, gammas=True):
 def test_state_dict_keys_and_variants():
     assert set(tiny().state_dict()) == reference_keys(2)
     # the released pt1k_800ep checkpoint: abs pos, no rel pos, no layer scale
-    m = tiny(abs_pos_emb=True, rel_pos_bias=False, init_values=0.0)
-    assert set(m.state_dict()) == reference_keys(2, abs_pos=True, rel=False, gammas=False)
+    m = tiny(abs_pos_emb=True, init_values=0.0)
+    assert set(m.state_dict()) == reference_keys(2, abs_pos=True, gammas=False)
     assert m.pos_embed.shape == (1, 17, 64)
     loss, _ = m(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool), torch.zeros(2, 16, dtype=torch.long))
     assert torch.isfinite(loss)
@@ -254,7 +254,7 @@ def test_encoder_structure_and_token_grid():
     assert 0.1 <= x.min() and x.max() <= 0.9 + 1e-6
     logits = enc(x)
     assert logits.shape == (2, 40, 4, 6)  # 8x downsampling
-    assert torch.equal(enc.tokens(x), logits.argmax(1).flatten(1))
+    assert torch.equal(beit.visual_tokens(enc, x), logits.argmax(1).flatten(1))
     blk, y = enc.blocks.group_2.block_1, torch.randn(1, 16, 5, 5)  # out = id + 1/64 residual, 'same' padding
     assert torch.allclose(blk(y), blk.id_path(y) + blk.res_path(y) / 64)
     c = blk.res_path.conv_1
@@ -304,7 +304,7 @@ def test_restricted_unpickler_loads_a_pickled_dall_e_encoder(tmp_path):
     assert 'dall_e' not in sys.modules and type(tok) is beit.Encoder and tok.vocab == 64
     for k, v in tok.state_dict().items():
         assert torch.equal(v, sd[k]), k
-    assert torch.equal(tok(x), logits) and torch.equal(tok.tokens(x), logits.argmax(1).flatten(1))
+    assert torch.equal(tok(x), logits) and torch.equal(beit.visual_tokens(tok, x), logits.argmax(1).flatten(1))
     assert not any(p.requires_grad for p in tok.parameters())
     # a plain state dict of the same module loads too
     torch.save({k: v.clone() for k, v in sd.items()}, tmp_path / 'plain.pth')
@@ -346,8 +346,8 @@ def test_dvae_file_round_trip(tmp_path):
     tok = beit.load_tokenizer(str(tmp_path / 'tokenizer.pth'))
     assert type(tok) is beit.DVAE and tok.vocab == 24
     x = beit.map_pixels(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
-    ids = tok.tokens(x)
-    assert ids.shape == (2, 16) and torch.equal(ids, vae.tokens(x))
+    ids = beit.visual_tokens(tok, x)
+    assert ids.shape == (2, 16) and torch.equal(ids, beit.visual_tokens(vae, x))
     rec = tok.decode(ids, (4, 4))
     assert rec.shape == (2, 3, 32, 32) and 0 <= rec.min() and rec.max() <= 1
     loss, ex = vae(x, 1.0, 0.0)
@@ -396,12 +396,12 @@ def test_tokenizer_stage_lowers_reconstruction_loss(tmp_path, restore_signals):
     ds = beit.TwoViews(args, (4, 4))
     x = beit.map_pixels(torch.stack([ds[(0, i)][0][1] for i in range(32)]))
     with torch.no_grad():
-        before = F.mse_loss(fresh.decoder(F.one_hot(fresh.tokens(x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
-        after = F.mse_loss(vae.decoder(F.one_hot(vae.tokens(x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
+        before = F.mse_loss(fresh.decoder(F.one_hot(beit.visual_tokens(fresh, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
+        after = F.mse_loss(vae.decoder(F.one_hot(beit.visual_tokens(vae, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
     assert after < 0.5 * before, (before, after)
     recs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['step'] for r in recs] == [4, 8, 12, 16, 20, 24] and recs[-1]['loss'] < recs[0]['loss']
     assert recs[-1]['lr'] == pytest.approx(1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * 23 / 24)))  # annealed
     tok = beit.load_tokenizer(str(tmp_path / 'tokenizer.pth'))
-    assert type(tok) is beit.DVAE and torch.equal(tok.tokens(x), vae.tokens(x))
+    assert type(tok) is beit.DVAE and torch.equal(beit.visual_tokens(tok, x), beit.visual_tokens(vae, x))
     assert (tmp_path / 'vis.png').exists() and (tmp_path / 'loss.png').exists()
