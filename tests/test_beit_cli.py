@@ -66,9 +66,13 @@ def check_png(path):
 @pytest.fixture(scope='module')
 def synthetic_run(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp('synth') / 'out'
-    res = ok(run_beit(*tiny(tok), '--data', 'synthetic:32', '--batch_size', 8, '--global_batch', 8, '--epochs', 2,
-                      '--keep_every', 1, '--output_dir', out))
+    res = ok(run_beit(*SYNTH(tok), '--output_dir', out))
     return out, res
+
+
+def SYNTH(tok):  # 32 images, 4 per micro-batch x 2 accumulated = 8: 4 steps per epoch, 8 in all
+    return [*tiny(tok), '--data', 'synthetic:32', '--batch_size', 4, '--global_batch', 8, '--epochs', 2, '--keep_every',
+            1, '--lr', 1e-2]
 
 
 # --------------------------------------------------------------------------- 1. outputs of a run
@@ -78,7 +82,7 @@ def test_cli_synthetic_end_to_end(synthetic_run):
     out, res = synthetic_run
     recs = read_log(out)
     assert [r['step'] for r in recs] == list(range(1, 9)) and all(math.isfinite(r['loss']) for r in recs)
-    assert recs[0]['lr'] == 0.0 and max(r['lr'] for r in recs) == pytest.approx(1.5e-3)  # warmup from 0, absolute
+    assert recs[0]['lr'] == 0.0 and max(r['lr'] for r in recs) == pytest.approx(1e-2)  # warmup from 0, absolute
     assert recs[0]['loss'] == pytest.approx(math.log(VOCAB), rel=0.1)  # chance level at the start
     accs = read_acc(out)  # the masked-token accuracy, logged beside log.jsonl
     assert [a['step'] for a in accs] == list(range(1, 9)) and all(0 <= a['mlm_acc'] <= 1 for a in accs)
@@ -100,7 +104,7 @@ def test_cli_synthetic_end_to_end(synthetic_run):
 
 def test_banner(synthetic_run):
     _, res = synthetic_run
-    assert 'batch: 8 per GPU x 1 GPUs x 1 accum = 8; lr = 0.0015 (absolute: the reference does not scale it by the ' \
+    assert 'batch: 4 per GPU x 1 GPUs x 2 accum = 8; lr = 0.01 (absolute: the reference does not scale it by the ' \
            'batch)' in res.stdout
     assert '4x4 patches, up to 6 masked' in res.stdout and f'vocab {VOCAB}, 32x32 px' in res.stdout
     assert '32 images, 4 steps/epoch' in res.stdout
@@ -109,16 +113,13 @@ def test_banner(synthetic_run):
 # --------------------------------------------------------------------------- 2. resume
 
 
-def test_resume_equals_straight_run(tok, tmp_path):
-    cmd = [*tiny(tok), '--data', 'synthetic:24', '--batch_size', 4, '--global_batch', 8, '--epochs', 3, '--lr', 1e-2]
-    A, B = tmp_path / 'A', tmp_path / 'B'
-    ra = ok(run_beit(*cmd, '--output_dir', A, '--max_steps', 4))
-    assert 'batch: 4 per GPU x 1 GPUs x 2 accum = 8' in ra.stdout and '24 images, 3 steps/epoch' in ra.stdout
-    ok(run_beit(*cmd, '--output_dir', B, '--max_steps', 2))
-    r2 = ok(run_beit(*cmd, '--output_dir', B, '--max_steps', 4))
-    assert re.search(r'resumed from \S*checkpoint\.pth at step 2\b', r2.stdout), r2.stdout[-2000:]
+def test_resume_equals_straight_run(synthetic_run, tok, tmp_path):
+    A, B = synthetic_run[0], tmp_path / 'B'  # A: straight 8 steps; B: 3 steps (mid-epoch), then resumed to 8
+    ok(run_beit(*SYNTH(tok), '--output_dir', B, '--max_steps', 3))
+    r2 = ok(run_beit(*SYNTH(tok), '--output_dir', B))
+    assert re.search(r'resumed from \S*checkpoint\.pth at step 3\b', r2.stdout), r2.stdout[-2000:]
     a, b = load(A / 'checkpoint.pth'), load(B / 'checkpoint.pth')
-    assert a['step'] == b['step'] == 4
+    assert a['step'] == b['step'] == 8
     for k in ('model', 'optimizer', 'scaler', 'rng'):
         assert_same(a[k], b[k], k)
     assert_same(load(A / 'encoder.pth'), load(B / 'encoder.pth'), 'encoder')
@@ -239,7 +240,7 @@ def test_bad_arguments(tok, tmp_path, restore_signals):
     assert 'does not exist' in code
     torch.save({'model': {'x': torch.zeros(1)}}, tmp_path / 'notatok.pth')
     code = _main_exit([*tiny(tok)[:-1], tmp_path / 'notatok.pth', '--data', 'synthetic:8', *out])
-    assert 'no DALL-E encoder tensors' in code
+    assert 'no DALL-E encoder or dVAE tensors' in code
 
 
 def test_refused_tokenizer_pickle_from_the_command_line(tok, tmp_path):
