@@ -8,7 +8,7 @@ once), read by a restricted unpickler: no dall_e code is imported or run, only i
 
     python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
     torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
-    python beit.py --stage tokenizer --data DIR   # train the file's own small dVAE -> output_beit/tokenizer.pth
+    python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
 Deviations from the reference:
 - `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
@@ -53,7 +53,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, Patc
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
     demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images, a couple of minutes on a CPU
-    stage: str = 'pretrain'  # pretrain | tokenizer (train the file's own dVAE, writes output_dir/tokenizer.pth)
+    stage: str = 'pretrain'  # pretrain | tokenizer (train the own dVAE -> output_dir/tokenizer/tokenizer.pth)
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
     output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl, mlm_acc.jsonl, vis_<epoch>.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref beit_{base,large}_patch16_224_8k_vocab)
@@ -436,12 +436,12 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
-    if args.stage == 'tokenizer':
-        return train_tokenizer(args)
-    if args.demo and args.tokenizer is None:  # the demo first trains its own tokenizer (once)
-        tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'
-        if not tok.exists():
-            train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent), log_every=10))
+    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
+    if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
+        vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))
+        if args.stage == 'tokenizer':
+            return vae
+    if args.demo and args.tokenizer is None:  # the demo trains its own tokenizer first (once)
         args = dataclasses.replace(args, tokenizer=str(tok))
     grid = check(args)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
