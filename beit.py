@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
-                    SyntheticImages, accumulation, amp_setup, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, random_resized_crop_params, resume, save_checkpoint, save_grid,
-                    save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
+                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, random_resized_crop_params, resume,
+                    save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -55,7 +55,7 @@ class Args:
     demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images, a couple of minutes on a CPU
     stage: str = 'pretrain'  # pretrain | tokenizer (train the own dVAE -> output_dir/tokenizer/tokenizer.pth)
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
-    output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl, mlm_acc.jsonl, vis_<epoch>.png, encoder.pth
+    output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl (loss, mlm_acc), vis_<epoch>.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref beit_{base,large}_patch16_224_8k_vocab)
     input_size: tuple = (224,)  # H [W]; ref --input_size; the tokenizer sees 8 px per patch (ref 112)
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
@@ -135,16 +135,19 @@ def block_mask(rng, grid, num_masking_patches=75, min_num_patches=16, max_num_pa
 class TwoViews(ImageFiles):
     """ref DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) + flip + one RandomResizedCrop giving the ViT view
     (bicubic) and the tokenizer view (Lanczos, 8 px per patch), and a fresh blockwise mask. Items: ((uint8 (3, H, W),
-    uint8 (3, 8gh, 8gw), bool (N,)), label, n_skipped); ImageFiles skips bad files and seeds the item's rng."""
+    uint8 (3, 8gh, 8gw), bool (N,)), label, bad); ImageFiles skips bad files and seeds the item's rng."""
 
     def __init__(self, args, grid):
         if args.data.startswith('synthetic'):
             self.src = SyntheticImages(int((args.data + ':10000').split(':')[1]), args.input_size, 3, args.seed)
             self.files, self.labels, self.seed = range(len(self.src)), [0] * len(self.src), args.seed
+            self.warned = set()
         else:
             super().__init__(args.data, args.input_size, seed=args.seed)
             self.src = None
         self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
+        if self.src is None:
+            check_readable(self, 'image')  # stops with one line when no file can be read
 
     def load(self, idx, rng):
         a = self.args
@@ -265,6 +268,8 @@ def load_tokenizer(path):
     weights_only unpickler, the classes above mapped to PickledModule), our tokenizer.pth, or an Encoder state dict."""
     if path == 'random':
         return Encoder()
+    if not Path(path).is_file():
+        raise SystemExit(f'--tokenizer {path}: no such file')
     try:
         with torch.serialization.safe_globals([(PickledModule, name) for name in PICKLED]):
             obj = torch.load(path, map_location='cpu', weights_only=True)
@@ -381,14 +386,17 @@ def visualize(model, tokenizer, batch, args, path):
 
 
 def check(args):
-    """The method's own checks; returns the patch grid."""
-    if args.model not in MODELS or args.amp not in ('bf16', 'fp16', 'none') or args.stage not in ('pretrain',
-                                                                                                  'tokenizer'):
-        raise SystemExit(f'--model one of {", ".join(MODELS)}; --amp bf16, fp16 or none; --stage pretrain or tokenizer')
+    """The shared checks and the method's own, before any work; returns the patch grid."""
+    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
+                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
     patch, H, W = MODELS[args.model][0], *pair(args.input_size)
-    if H % patch or W % patch or len(args.mean) != 3 or len(args.std) != 3:
-        raise SystemExit(f'--input_size {H} {W} must be divisible by the patch size {patch} of --model {args.model}; '
-                         f'--mean/--std need 3 values')
+    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
+        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
+                         f'{patch} of --model {args.model}')
+    N = (H // patch) * (W // patch)
+    if args.stage == 'pretrain' and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
+        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
+                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
     if args.stage == 'pretrain' and args.tokenizer is None:
         raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
     return H // patch, W // patch
@@ -410,11 +418,11 @@ def train_tokenizer(args):
     logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp  # fp32
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)
-        for (_, tok_imgs, _), _, skipped in itertools.islice(loader, total - step):
+        for (_, tok_imgs, _), _, bad_files in itertools.islice(loader, total - step):
             temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
-            logger.add(ex['rec_loss'], skipped)  # the logged loss is the reconstruction MSE
+            logger.add(ex['rec_loss'], bad_files)  # the logged loss is the reconstruction MSE
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
             if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
@@ -481,12 +489,12 @@ def main(args):
 
     vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][0] for i in range(8)])]
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
-    acc_path, acc_sum = out / 'mlm_acc.jsonl', torch.zeros((), device=d.device)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done or step}.png')  # epoch_done >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+            save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-token accuracy
 
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
@@ -496,7 +504,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            (imgs, tok_imgs, mask), _, skipped = next(batches)
+            (imgs, tok_imgs, mask), _, bad_files = next(batches)  # bad_files: unreadable files' indices, else -1
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, 3, H, W)
             mask = mask.to(d.device, non_blocking=True)  # (B, N) bool, drawn in the workers
@@ -510,23 +518,15 @@ def main(args):
                 with autocast:
                     loss, extras = fwd(imgs, mask, input_ids)
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, skipped)  # kept on the device until the next log step
-            acc_sum += extras['mlm_acc'].detach()
+            logger.add(loss, bad_files, {'mlm_acc': extras['mlm_acc']})  # on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
             logger.stepped(bad)
             step += 1
             if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
-                acc = torch.stack([acc_sum, acc_sum.new_tensor(logger.micro)])  # read before log_step resets micro
                 stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
                                        optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
-                if d.world > 1:
-                    dist.all_reduce(acc)
-                acc_sum.zero_()
-                if d.main:  # the Logger records the loss only: the masked-token accuracy goes beside it
-                    print(f'step {step} mlm_acc {(acc[0] / acc[1]).item():.4f}', flush=True)
-                    print(json.dumps({'step': step, 'mlm_acc': (acc[0] / acc[1]).item()}), file=open(acc_path, 'a'))
             if stop or step >= total_steps:
                 break
         epoch_complete = step == (epoch + 1) * steps_per_epoch

@@ -222,7 +222,7 @@ def parse_args(Args, argv=None, demo=None):
 
 # Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
 POSITIVE = ('batch_size', 'global_batch', 'epochs', 'input_size', 'log_every', 'save_every', 'keep_every',
-            'max_bad_steps', 'blr', 'std')
+            'max_bad_steps', 'blr', 'lr', 'std')
 NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps')
 BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
 
@@ -243,10 +243,11 @@ def check_args(args, models, positive=(), non_negative=()):
             values = value if isinstance(value, (tuple, list)) else (value,)
             if value is not None and not all(ok(v) for v in values):
                 raise SystemExit(f'--{name} {" ".join(map(str, values))}: must be {what}')
-    if args.in_chans not in (1, 3):
-        raise SystemExit(f'--in_chans {args.in_chans}: images are read as RGB (3) or grayscale (1)')
-    if len(args.mean) != args.in_chans or len(args.std) != args.in_chans:
-        raise SystemExit(f'--mean/--std need {args.in_chans} values for --in_chans {args.in_chans}')
+    in_chans = getattr(args, 'in_chans', 3)
+    if in_chans not in (1, 3):
+        raise SystemExit(f'--in_chans {in_chans}: images are read as RGB (3) or grayscale (1)')
+    if len(args.mean) != in_chans or len(args.std) != in_chans:
+        raise SystemExit(f'--mean/--std need {in_chans} values for --in_chans {in_chans}')
 
 
 def check_mask_ratio(ratio, n_hidden, n, unit, all_ok=False):
@@ -730,18 +731,23 @@ def checkpoint_problem(path, error):
 
 class Logger:
     """The training loop's bookkeeping between log steps, kept on the device (no per-step host sync): the loss sum,
-    micro-steps, skipped files and the run of non-finite steps. `log_step` agrees across ranks on the averages and on
-    preemption (one all-reduce), prints one line and appends the same record to output_dir/log.jsonl (rank 0)."""
+    a method's own metric sums (e.g. BEiT's masked-token accuracy), micro-steps, unreadable files and the run of
+    non-finite steps. `log_step` agrees across ranks on the averages and on preemption (one all-reduce), prints one
+    line and appends the same record to output_dir/log.jsonl (rank 0)."""
 
     def __init__(self, output_dir, d, step, unit='img'):
         self.d, self.path, self.last_step, self.unit = d, Path(output_dir) / 'log.jsonl', step, unit
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
         self.loss_sum, self.micro, self.bad_files, self.new_bad = torch.zeros((), device=d.device), 0, set(), set()
+        self.metrics = {}  # name -> device sum over micro-steps; every rank adds the same names
         self.bad_total, self.bad_run = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
 
-    def add(self, loss, bad):
-        """After each micro-step: its loss and the loader's (CPU) `bad` column: indices of unreadable files, else -1."""
+    def add(self, loss, bad, metrics=None):
+        """After each micro-step: its loss, the loader's (CPU) `bad` column (indices of unreadable files, else -1) and
+        optionally {name: device scalar} metrics, logged as their average like the loss."""
         self.loss_sum += loss.detach().float()
+        for k, v in (metrics or {}).items():
+            self.metrics[k] = self.metrics.get(k, 0) + v.detach().float()
         self.micro += 1
         self.new_bad.update(bad[bad >= 0].tolist())
 
@@ -753,10 +759,11 @@ class Logger:
     def log_step(self, epoch, step, total_steps, lr, global_batch, max_bad_steps):
         """'preempted' when any rank got SIGTERM/SIGUSR1/Ctrl-C; stops after max_bad_steps bad steps in a row."""
         host = torch.tensor([self.micro, len(self.new_bad), float(self.preempt.flag)], device=self.d.device)
-        summed = torch.cat([self.loss_sum[None], host])  # (4,): loss sum, micro-steps, new bad files, preempted
+        names = sorted(self.metrics)  # (4 + metrics,): micro-steps, new bad files, preempted, loss and metric sums
+        summed = torch.cat([host, torch.stack([self.loss_sum] + [self.metrics[k] for k in names])])
         if self.d.world > 1:
             dist.all_reduce(summed)
-        if summed[2].item() > 0:  # some rank met unreadable files: the union, so each counts once
+        if summed[1].item() > 0:  # some rank met unreadable files: the union, so each counts once
             found = [self.new_bad]
             if self.d.world > 1:
                 found = [None] * self.d.world
@@ -765,26 +772,28 @@ class Logger:
             self.new_bad = set()
         now = time.perf_counter()
         dt, n = now - self.last, step - self.last_step
-        rec = dict(epoch=round(epoch, 4), step=step, total_steps=total_steps, loss=summed[0].item() / summed[1].item(),
-                   lr=lr, img_per_s=n * global_batch / dt, data_wait=self.wait / dt,
+        avg = dict(zip(['loss'] + names, (summed[3:] / summed[0]).tolist()))
+        rec = dict(epoch=round(epoch, 4), step=step, total_steps=total_steps, **avg, lr=lr,
+                   img_per_s=n * global_batch / dt, data_wait=self.wait / dt,
                    mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.d.device.type == 'cuda' else 0.0,
                    skipped=len(self.bad_files), bad_steps=int(self.bad_total.item()),
                    eta_s=dt / max(n, 1) * (total_steps - step))
         if self.d.main:
             eta = rec['eta_s']
-            print(f"ep {rec['epoch']} step {step}/{total_steps} loss {rec['loss']:.4f} lr {lr:.3g} "
-                  f"{rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} mem {rec['mem_gb']:.1f}G "
+            print(f"ep {rec['epoch']} step {step}/{total_steps} " + ''.join(f'{k} {v:.4f} ' for k, v in avg.items())
+                  + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} "
+                  f"mem {rec['mem_gb']:.1f}G "
                   f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
                   f"{int(eta % 60):02d}", flush=True)
             with open(self.path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
         self.last, self.wait, self.last_step = now, 0.0, step
-        self.loss_sum, self.micro = torch.zeros_like(self.loss_sum), 0
+        self.loss_sum, self.micro, self.metrics = torch.zeros_like(self.loss_sum), 0, {}
         if self.bad_run.item() >= max_bad_steps:  # the checkpoint on disk predates the bad run: resume from it
             raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). '
                              f'Resume from {self.path.parent / "checkpoint.pth"} (the last good state); if it recurs, '
                              f'try --amp bf16 or --amp none.')
-        return 'preempted' if summed[3].item() > 0 else None
+        return 'preempted' if summed[2].item() > 0 else None
 
 
 def save_grid(path, columns, note='', pad=2, min_width=128):
@@ -808,10 +817,10 @@ def save_grid(path, columns, note='', pad=2, min_width=128):
     canvas.save(path)
 
 
-def save_loss_curve(path, log_path, size=(640, 360)):
-    """Training loss against step, from log.jsonl."""
+def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
+    """The training loss (or another logged `key`) against step, from log.jsonl."""
     recs = [json.loads(line) for line in open(log_path)] if Path(log_path).exists() else []
-    pts = [(r['step'], r['loss']) for r in recs if math.isfinite(r['loss'])]
+    pts = [(r['step'], r[key]) for r in recs if math.isfinite(r.get(key, math.nan))]
     W, H, m = size[0], size[1], 40
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
@@ -824,5 +833,5 @@ def save_loss_curve(path, log_path, size=(640, 360)):
         d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=FONT)
         d.text((2, m // 2), f'{y1:.3g}', fill='black', font=FONT)
         d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
-    d.text((W // 2 - 30, 4), 'training loss', fill='black', font=FONT)
+    d.text((W // 2 - 30, 4), f'training {key}', fill='black', font=FONT)
     img.save(path)

@@ -368,8 +368,8 @@ def test_two_views_share_crop_flip_and_masks_are_fresh(tmp_path):
     ds = beit.TwoViews(args, (8, 8))
     flips, masks = 0, set()
     for epoch in range(12):
-        (v1, v2, mask), _, skipped = ds[(epoch, 0)]
-        assert v1.shape == (3, 64, 64) and v2.shape == (3, 64, 64) and v1.dtype == torch.uint8 and skipped == 0
+        (v1, v2, mask), _, bad = ds[(epoch, 0)]
+        assert v1.shape == (3, 64, 64) and v2.shape == (3, 64, 64) and v1.dtype == torch.uint8 and bad == -1
         assert mask.shape == (64,) and mask.dtype == torch.bool and 0 < mask.sum() <= 12
         masks.add(mask.numpy().tobytes())
         diff = (v1.float() - v2.float()).abs().mean()  # same crop + flip: nearly the same pixels

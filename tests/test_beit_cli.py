@@ -53,7 +53,7 @@ def reference_keys(depth=DEPTH):
 
 
 def read_acc(out):
-    return [json.loads(line) for line in (Path(out) / 'mlm_acc.jsonl').read_text().splitlines()]
+    return [{'step': r['step'], 'mlm_acc': r['mlm_acc']} for r in read_log(out)]
 
 
 def check_png(path):
@@ -84,9 +84,10 @@ def test_cli_synthetic_end_to_end(synthetic_run):
     assert [r['step'] for r in recs] == list(range(1, 9)) and all(math.isfinite(r['loss']) for r in recs)
     assert recs[0]['lr'] == 0.0 and max(r['lr'] for r in recs) == pytest.approx(1e-2)  # warmup from 0, absolute
     assert recs[0]['loss'] == pytest.approx(math.log(VOCAB), rel=0.1)  # chance level at the start
-    accs = read_acc(out)  # the masked-token accuracy, logged beside log.jsonl
+    accs = read_acc(out)  # the masked-token accuracy, logged with the loss
     assert [a['step'] for a in accs] == list(range(1, 9)) and all(0 <= a['mlm_acc'] <= 1 for a in accs)
-    assert f"step 8 mlm_acc {accs[-1]['mlm_acc']:.4f}" in res.stdout
+    assert f"step 8/8 loss {recs[-1]['loss']:.4f} mlm_acc {accs[-1]['mlm_acc']:.4f} lr" in res.stdout
+    check_png(out / 'mlm_acc.png')
     ckpt = load(out / 'checkpoint.pth')
     assert ckpt['step'] == 8 and ckpt['epoch'] == 2.0 and type(ckpt['args']) is dict
     assert set(ckpt['model']) == reference_keys()
@@ -194,11 +195,11 @@ def test_init_from_reference_style_file(tok, tmp_path):
     torch.save({'module': sd, 'args': argparse.Namespace(model='beit_base_patch16_224_8k_vocab'), 'epoch': 799}, path)
     out = tmp_path / 'out'
     res = ok(run_beit(*tiny(tok), '--data', 'synthetic:8', '--batch_size', 4, '--global_batch', 4, '--epochs', 1,
-                      '--max_steps', 1, '--lr', 0, '--min_lr', 0, '--init', path, '--output_dir', out))
+                      '--max_steps', 1, '--lr', 1e-30, '--min_lr', 0, '--init', path, '--output_dir', out))
     assert f'--init {path}: loaded {len(sd)} tensors' in res.stdout and '(kept as initialised): 0 ' in res.stdout
     model = load(out / 'checkpoint.pth')['model']
-    for k in sd:  # lr 0 (so no decoupled weight decay either): the weights are the file's
-        assert torch.equal(model[k], sd[k]), k
+    for k in sd:  # lr 1e-30 (0 is refused): one step moves no weight by more than 1e-30
+        torch.testing.assert_close(model[k], sd[k], rtol=0, atol=1e-30, msg=k)
 
 
 # --------------------------------------------------------------------------- 6. bad input
@@ -219,7 +220,7 @@ def test_image_folder_with_unreadable_files(tok, tmp_path):
     assert 'skipping unreadable image' in res.stderr and 'bad.jpg' in res.stderr
     assert '9 images, 1 steps/epoch' in res.stdout
     recs = read_log(out)
-    assert [r['step'] for r in recs] == [1] and recs[0]['skipped'] >= 1 and math.isfinite(recs[0]['loss'])
+    assert [r['step'] for r in recs] == [1] and recs[0]['skipped'] == 1 and math.isfinite(recs[0]['loss'])
     assert (out / 'encoder.pth').exists()
 
 
@@ -235,7 +236,16 @@ def test_bad_arguments(tok, tmp_path, restore_signals):
     assert '--tokenizer' in code and 'encoder.pkl' in code
     code = _main_exit([*tiny(tok), '--data', 'synthetic:8', '--input_size', '36', *out])
     assert 'divisible' in code and '36' in code
-    assert '--model one of tiny, base, large' in _main_exit(['--model', 'huge', '--data', 'synthetic:8', *out])
+    assert '--model huge is not one of tiny, base, large' in _main_exit(['--model', 'huge', '--data', 'synthetic:8',
+                                                                       *out])
+    for n in (0, 16, 5):  # 16 patches at 32 px; fewer than the minimum block of 6 cannot be drawn
+        code = _main_exit([*tiny(tok), '--data', 'synthetic:8', '--num_mask_patches', n, '--min_mask_patches_per_block',
+                           6 if n == 5 else 2, *out])
+        assert code.startswith(f'--num_mask_patches {n}: ') and ('to 15 of the 16 patches' in code or n == 0), code
+    code = _main_exit([*tiny(tok), '--data', 'synthetic:8', '--lr', 0, *out])
+    assert code == '--lr 0.0: must be greater than 0'
+    code = _main_exit([*tiny(tok)[:-1], tmp_path / 'missing.pkl', '--data', 'synthetic:8', *out])
+    assert code == f'--tokenizer {tmp_path / "missing.pkl"}: no such file'
     code = _main_exit([*tiny(tok), '--data', tmp_path / 'nope', *out])
     assert 'does not exist' in code
     torch.save({'model': {'x': torch.zeros(1)}}, tmp_path / 'notatok.pth')

@@ -1169,18 +1169,19 @@ def test_logger_averages_counts_and_stops(tmp_path):
         d = SimpleNamespace(world=1, rank=0, device=torch.device('cpu'), main=True)
         log = common.Logger(tmp_path, d, step=10, unit='clip')
         for loss, bad in [(1.0, [-1, -1]), (3.0, [4, 9]), (5.0, [-1, 7])]:  # three micro-steps, 3 bad files
-            log.add(torch.tensor(loss), torch.tensor(bad))
+            log.add(torch.tensor(loss), torch.tensor(bad), {'acc': torch.tensor(loss / 10), 'b': torch.tensor(1.0)})
         log.stepped(torch.tensor(False))
         assert log.log_step(epoch=1.5, step=11, total_steps=20, lr=0.1, global_batch=8, max_bad_steps=2) is None
         rec = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[-1])
         assert rec['loss'] == pytest.approx(3.0) and rec['skipped'] == 3 and rec['step'] == 11 and rec['lr'] == 0.1
+        assert rec['acc'] == pytest.approx(0.3) and rec['b'] == 1.0  # a method's own metrics: averaged like the loss
         assert rec['bad_steps'] == 0 and rec['img_per_s'] > 0
         # the averages restart after a log step; the skipped-file count is a running total of distinct files
         log.add(torch.tensor(7.0), torch.tensor([9, 4]))
         log.stepped(torch.tensor(True))  # one non-finite step: counted, the run goes on
         assert log.log_step(1.6, 12, 20, 0.1, 8, max_bad_steps=2) is None
         rec = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[-1])
-        assert rec['loss'] == pytest.approx(7.0) and rec['skipped'] == 3 and rec['bad_steps'] == 1
+        assert rec['loss'] == pytest.approx(7.0) and rec['skipped'] == 3 and rec['bad_steps'] == 1 and 'acc' not in rec
         log.add(torch.tensor(float('nan')), torch.tensor([-1]))
         log.stepped(torch.tensor(True))  # the second in a row: stop, pointing at the checkpoint
         with pytest.raises(SystemExit, match='2 steps in a row'):
