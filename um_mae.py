@@ -17,12 +17,11 @@ Deviations from the reference:
 - Uniform masks are drawn on the device each step from the reference's balanced pool (each in-block position
   len(pool)/4 times, shuffled, the first blocks taken: the same distribution), not by numpy in the data workers.
 - The effective batch is `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile); `accum_iter` is derived.
-- bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives).
-- Window attention with the posmlp bias runs through SDPA (same values up to rounding); `log1p` for log(1+|d|).
-- A non-finite loss/gradient skips the optimizer step and is counted (reference: sys.exit); `--max_bad_steps` in a
+- bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives). AdamW is torch's fused
+  kernel, so a non-finite step is skipped on the device and counted (reference: sys.exit); `--max_bad_steps` in a
   row stop the run. An epoch is truncated to a whole number of accumulation cycles.
+- Window attention with the posmlp bias runs through SDPA (same values up to rounding); `log1p` for log(1+|d|).
 - Non-square inputs work (reference: square); `--in_chans 1` predicts one channel (reference: always 3).
-- AdamW is torch's fused kernel (same update up to rounding), so a non-finite step is skipped without a host sync.
 - `checkpoint-<epoch>.pth` counts finished epochs; the reference names them by the 0-based epoch index.
 - Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
   `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
@@ -97,7 +96,7 @@ MODELS = {
     'pvt_tiny': dict(kind='pvt', patch=2, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 2, 4, 8),
                      mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4)),  # ours, for tests
 }
-DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
+DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_um_mae_demo', log_every=8, keep_every=3)
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3.1-3.2)
@@ -156,9 +155,8 @@ def window_reverse(x, ws, H, W):
 
 def shifted_window_mask(H, W, ws, shift):
     """Additive (nW, N, N) mask for SW-MSA: -100 between tokens of different regions after the cyclic shift."""
-    def region(n):
-        i = torch.arange(n)
-        return (i >= n - ws).long() + (i >= n - shift).long()
+    def region(n):  # 0: untouched, 1: [n-ws, n-shift), 2: the wrapped-around last `shift` rows/columns
+        return (torch.arange(n) >= n - ws).long() + (torch.arange(n) >= n - shift).long()
     label = window_partition((region(H)[:, None] * 3 + region(W)[None, :])[None, :, :, None], ws)[0, :, :, 0]
     return (label[:, :, None] != label[:, None, :]).float() * -100.0  # (nW, N, N)
 
@@ -170,7 +168,8 @@ class WindowAttention(nn.Module):
     def __init__(self, dim, num_heads, posmlp_dim):
         super().__init__()
         self.num_heads = num_heads
-        self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(posmlp_dim, num_heads, 1))
+        self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(posmlp_dim, num_heads, 1))
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -184,8 +183,7 @@ class WindowAttention(nn.Module):
         c1, c2 = self.posmlp[0], self.posmlp[2]  # the 1x1 convs as Linears on the last axis
         bias = F.linear(F.relu(F.linear(d, c1.weight.flatten(1), c1.bias)), c2.weight.flatten(1), c2.bias)
         bias = bias.permute(0, 1, 4, 2, 3)  # (B, nW, h, N, N)
-        if mask is not None:
-            bias = bias + mask[:, None]
+        bias = bias + mask[:, None] if mask is not None else bias  # (B, nW, h, N, N)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(B, nW * h, N, N).to(q.dtype))
         return self.proj(x.view(B, nW, h, N, C // h).transpose(2, 3).reshape(B, nW, N, C))  # (B, nW, N, C)
 
@@ -196,8 +194,7 @@ class PatchMerge(nn.Module):
 
     def __init__(self, dim_in, dim_out, norm=True):
         super().__init__()
-        self.norm = nn.LayerNorm(dim_in, eps=1e-6) if norm else None
-        self.proj = nn.Conv2d(dim_in, dim_out, kernel_size=2, stride=2)
+        self.norm, self.proj = nn.LayerNorm(dim_in, eps=1e-6) if norm else None, nn.Conv2d(dim_in, dim_out, 2, 2)
 
     def forward(self, x, H, W):  # (B, H*W, C_in) -> (B, H*W/4, C_out)
         x = self.norm(x) if self.norm is not None else x
@@ -214,10 +211,8 @@ class SwinBlock(nn.Module):
             ws, shift = min(res), 0
         self.ws, self.shift = ws, shift
         self.downsample = PatchMerge(merge_from, dim) if merge_from else None
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, posmlp_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, num_heads, posmlp_dim)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
         self.register_buffer('attn_mask', shifted_window_mask(*res, ws, shift) if shift else None, persistent=False)
 
     def forward(self, x, pos):  # x (B, H*W, C); pos (B, H, W, 2) before the merge
@@ -247,8 +242,7 @@ class SRAttention(nn.Module):
         super().__init__()
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim * 2), nn.Linear(dim, dim)
-        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
-        self.norm = nn.LayerNorm(dim)
+        self.sr, self.norm = nn.Conv2d(dim, dim, kernel_size=1), nn.LayerNorm(dim)
 
     def forward(self, x, H, W):  # (B, H*W, C)
         B, N, C = x.shape
@@ -284,8 +278,8 @@ class UMMAE(nn.Module):
         super().__init__()
         self.kind, self.vis_mask_ratio, self.norm_pix_loss = cfg['kind'], vis_mask_ratio, norm_pix_loss
         dims, p = cfg['dims'], cfg['patch']
-        self.unit = p * 2 ** (len(dims) - 2)  # 16 px: the encoder's compact stride 2p 2^(S-1), PixelShuffle(2)
-        self.K = self.unit // p  # tokens per unit side (4)
+        self.K = 2 ** (len(dims) - 2)  # tokens per unit side (4): packed stride 2p 2^(S-1), then PixelShuffle(2)
+        self.unit = p * self.K  # 16 px
         H, W = pair(img_size)
         self.unit_grid = (H // self.unit, W // self.unit)
         self.patch_embed = PatchEmbed((H, W), p, in_chans, dims[0])
@@ -296,7 +290,7 @@ class UMMAE(nn.Module):
         self.blocks = nn.ModuleList()
         for i, depth in enumerate(cfg['depths']):
             for j in range(depth):
-                merge = dims[i - 1] if i > 0 and j == 0 else None
+                merge = dims[i - 1] if i > 0 and j == 0 else None  # stages 2-4 start with a PatchMerge
                 if self.kind == 'swin':
                     self.blocks.append(SwinBlock(dims[i], res[i], cfg['heads'][i], cfg['window'],
                                                  cfg['window'] // 2 if j % 2 else 0, cfg['posmlp'], merge))
@@ -310,13 +304,11 @@ class UMMAE(nn.Module):
             self.pos_embed = nn.Parameter(sincos_2d(dims[0], gh, gw)[None], requires_grad=False)  # (1, gh*gw, C)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         dd, dec_depth, dec_heads = cfg['dec']
-        self.decoder_embed = nn.Linear(dims[-1], 4 * dd)  # then PixelShuffle(2): one token per visible unit
-        self.decoder_expand = nn.PixelShuffle(2)
+        self.decoder_embed, self.decoder_expand = nn.Linear(dims[-1], 4 * dd), nn.PixelShuffle(2)  # 1 per vis. unit
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(dd, *self.unit_grid)[None], requires_grad=False)  # (1, L, dd)
         self.decoder_blocks = nn.ModuleList(Block(dd, dec_heads) for _ in range(dec_depth))
-        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
-        self.decoder_pred = nn.Linear(dd, self.unit ** 2 * in_chans)
+        self.decoder_norm, self.decoder_pred = nn.LayerNorm(dd, eps=1e-6), nn.Linear(dd, self.unit ** 2 * in_chans)
         self.initialize_weights()
 
     def initialize_weights(self):  # ref initialize_weights / _init_weights
@@ -342,9 +334,7 @@ class UMMAE(nn.Module):
         hidden = secondary_mask(mask, self.vis_mask_ratio, noise)  # (B, L): US-masked or SM-hidden
         to_tokens = lambda m: m.view(B, uh, uw).repeat_interleave(K, 1).repeat_interleave(K, 2)[..., None]  # noqa
         us_vis, keep = ~to_tokens(mask), ~to_tokens(hidden)  # (B, gh, gw, 1) each
-        if self.kind == 'swin':
-            x = self.patch_embed.norm(x)
-        x = x.view(B, gh, gw, C) * keep  # (B, gh, gw, C): only the units the encoder may see
+        x = (self.patch_embed.norm(x) if self.kind == 'swin' else x).view(B, gh, gw, C) * keep  # only units it sees
         if self.vis_mask_ratio > 0:  # SM units stay in the grid, as the shared token (Swin: through the embed LN)
             tok = self.patch_embed.norm(self.vis_mask_token) if self.kind == 'swin' else self.vis_mask_token
             x = x + tok * (us_vis & ~keep)
@@ -362,13 +352,13 @@ class UMMAE(nn.Module):
         return self.norm(x)  # (B, L/16, C_last): the packed grid at stride 2 units
 
     def visible_units(self, mask):
-        """Index of the visible unit of each 2x2 block, in block raster order (the order PixelShuffle gives): (B, L/4)."""
+        """The visible unit of each 2x2 block in block raster order (PixelShuffle's order): (B, L/4) unit indices."""
         B, (uh, uw) = mask.shape[0], self.unit_grid
         m = mask.view(B, uh // 2, 2, uw // 2, 2).permute(0, 1, 3, 2, 4).reshape(B, -1, 4)  # (B, nb, 4) in-block
         k = (~m).float().argmax(dim=-1)  # (B, nb): which of the 4 is visible
-        bi, bj = torch.div(torch.arange(m.shape[1], device=mask.device), uw // 2, rounding_mode='floor'), \
-            torch.arange(m.shape[1], device=mask.device) % (uw // 2)
-        return (2 * bi + k // 2) * uw + 2 * bj + k % 2  # (B, nb) unit index in the full grid
+        bi, bj = torch.arange(uh // 2, device=mask.device)[:, None], torch.arange(uw // 2, device=mask.device)
+        top_left = (2 * bi * uw + 2 * bj).flatten()  # (nb,) the block's first unit
+        return top_left + (k // 2) * uw + k % 2  # (B, nb)
 
     def forward_decoder(self, latent, mask):
         B, (uh, uw) = latent.shape[0], self.unit_grid
@@ -418,7 +408,7 @@ def visualize(model, imgs, args, path):
     and secondary mask. Norm-pix predictions are shown with the true unit mean/std, and the picture says so."""
     was_training = model.training
     model.eval()
-    B, u, (uh, uw) = imgs.shape[0], model.unit, model.unit_grid
+    (B, C), u, (uh, uw) = imgs.shape[:2], model.unit, model.unit_grid
     g = torch.Generator().manual_seed(0)
     mask = uniform_mask(B, uh, uw, 'cpu', g).to(imgs.device)  # (B, L)
     noise = torch.rand(B, uh * uw, generator=g).to(imgs.device)
@@ -430,9 +420,8 @@ def visualize(model, imgs, args, path):
     title, note = 'reconstruction', ''
     if args.norm_pix_loss:
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-        title, note = 'reconstruction *', ('* norm-pix target: each predicted unit is shown with the TRUE mean and std\n'
-                                           '  of the hidden unit, which the model never saw (colour/brightness leak)')
-    C = imgs.shape[1]
+        title, note = 'reconstruction *', ('* norm-pix target: each predicted unit is shown with the TRUE mean and std'
+                                           '\n  of the hidden unit, which the model never saw (colour/brightness leak)')
     mean, std = torch.tensor(args.mean, device=imgs.device), torch.tensor(args.std, device=imgs.device)
     to_img = lambda t: unpatchify(t, u, uh, uw, C) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # noqa: E731
     fill = lambda v: patchify((torch.full_like(imgs, v) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), u)  # noqa
@@ -440,8 +429,8 @@ def visualize(model, imgs, args, path):
     m, sm = mask[..., None], (hidden & ~mask)[..., None]  # (B, L, 1) each
     save_grid(path, [('original', to_img(target)), ('uniform mask', to_img(torch.where(m, grey, target))),
                      ('secondary mask', to_img(torch.where(m, grey, torch.where(sm, dark, target)))),
-                     (title, to_img(torch.where(m, pred, grey))), (title + '\n+ visible', to_img(torch.where(m, pred, target)))],
-              note)
+                     (title, to_img(torch.where(m, pred, grey))),
+                     (title + '\n+ visible', to_img(torch.where(m, pred, target)))], note)
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training
@@ -456,8 +445,7 @@ def main(args):
     win = [min(cfg['window'], *r) for r in res] if cfg['kind'] == 'swin' else cfg['sr']
     if H % (4 * unit) or W % (4 * unit) or any(r[0] % w or r[1] % w for r, w in zip(res, win)):
         raise SystemExit(f'--input_size {H} {W} does not fit --model {args.model}: give multiples of {4 * unit} px '
-                         f'(2x2 blocks of {unit}-px units whose packed grid halves {S - 1} times) whose packed stage '
-                         f'grids {[r for r in res]} split into windows/reductions {win}')
+                         f'whose packed stage grids {res} split into windows/reductions {win}')
     L = (H // unit) * (W // unit)
     check_mask_ratio(args.mask_ratio, int(args.mask_ratio * L), L, 'units')  # as the reference rounds
     if args.mask_ratio != 0.75:
@@ -495,7 +483,8 @@ def main(args):
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
         print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {L} units of '
-              f'{unit} px, {L // 4} visible, {n_keep} of them seen; {len(dataset)} images, {steps_per_epoch} steps/epoch')
+              f'{unit} px, {L // 4} visible, {n_keep} of them seen; {len(dataset)} images, '
+              f'{steps_per_epoch} steps/epoch')
         print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
               f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
 
