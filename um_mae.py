@@ -362,7 +362,7 @@ class UMMAE(nn.Module):
 
     def forward_decoder(self, latent, mask):
         B, (uh, uw) = latent.shape[0], self.unit_grid
-        x = self.decoder_embed(latent)  # (B, nb/4, 4 Dd) on the compact stride-2-units grid
+        x = self.decoder_embed(latent)  # (B, L/16, 4 Dd) on the packed grid (stride 2 units)
         x = self.decoder_expand(x.transpose(1, 2).reshape(B, -1, uh // 4, uw // 4))  # (B, Dd, uh/2, uw/2)
         x = x.flatten(2).transpose(1, 2)  # (B, nb, Dd): one token per visible unit, block raster order
         P = self.decoder_pos_embed.expand(B, -1, -1)  # (B, L, Dd)
