@@ -505,7 +505,7 @@ def main(args):
         batches = iter(loader)
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
-            imgs, _, skipped = next(batches)
+            imgs, _, bad_files = next(batches)  # bad_files: indices of unreadable files, else -1
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             mask = uniform_mask(imgs.shape[0], H // unit, W // unit, d.device)  # (B, L), fresh every step
@@ -517,7 +517,7 @@ def main(args):
                 with autocast:
                     loss, _ = fwd(imgs, mask)
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, skipped)  # kept on the device until the next log step
+            logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
