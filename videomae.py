@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext

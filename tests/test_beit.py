@@ -8,7 +8,6 @@ import os
 import random
 import sys
 import types
-from collections import OrderedDict
 
 import numpy as np
 import pytest

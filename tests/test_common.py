@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import json
 import math
-import pickle
 import sys
 import random
 from typing import Optional

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from clitools import REPO, assert_same, load, ok, read_log, run_and_preempt, run_script
+from clitools import REPO, assert_same, load, ok, read_log, run_script
 from clitools import env as _env
 import um_mae
 from test_um_mae import swin_reference_keys
@@ -91,19 +91,6 @@ def test_torchrun_two_processes(tmp_path):
     m0, m1 = load(tmp_path / 'rank0.pt'), load(tmp_path / 'rank1.pt')
     assert_same(m0, m1, 'rank0 vs rank1')  # the ranks drew different masks but hold the same weights
     assert_same(m0, ckpt['model'], 'rank0 vs checkpoint')
-
-
-def test_sigterm_saves_and_resumes(tmp_path):
-    out = tmp_path / 'out'
-    cmd = [*TINY, '--data', 'synthetic:16', '--batch_size', 4, '--global_batch', 4, '--epochs', 200,
-           '--output_dir', out]
-    rc, stdout, stderr = run_and_preempt('um_mae.py', cmd, out, tmp_path)
-    assert rc == 0, stderr[-3000:]
-    step = int(re.search(r'preempted at step (\d+)', stdout).group(1))
-    assert load(out / 'checkpoint.pth')['step'] == step >= 2 and not (out / 'encoder.pth').exists()
-    res = ok(run(*cmd, '--max_steps', step + 1))
-    assert f'at step {step}' in res.stdout and load(out / 'checkpoint.pth')['step'] == step + 1
-    assert [r['step'] for r in read_log(out)] == list(range(1, step + 2)) and (out / 'encoder.pth').exists()
 
 
 def main_args(out, *extra):
