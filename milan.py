@@ -121,6 +121,11 @@ class CLIPAttention(nn.Module):
         return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N), cls column included
 
 
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -135,17 +140,6 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x)), attn
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class Transformer(nn.Module):
-    def __init__(self, width, layers):
-        super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, width // 64) for _ in range(layers))
-
-
 class CLIPVisual(nn.Module):
     """CLIP's VisionTransformer under its own key names (the `visual.` prefix stripped). forward(imgs) ->
     (targets (B, 1+N, out): ln_post then proj on EVERY token, importance (B, N): last block's cls->patch attention)."""
@@ -157,7 +151,8 @@ class CLIPVisual(nn.Module):
         self.class_embedding = nn.Parameter(s * torch.randn(width))
         self.positional_embedding = nn.Parameter(s * torch.randn(n_tokens, width))
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers)
+        self.transformer = nn.Module()  # only a container, for CLIP's key names; heads of 64 channels as CLIP
+        self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(width, width // 64) for _ in range(layers))
         self.proj = nn.Parameter(s * torch.randn(width, out_dim))
         for blk in self.transformer.resblocks:  # nn.MultiheadAttention's init
             nn.init.xavier_uniform_(blk.attn.in_proj_weight)
@@ -197,7 +192,7 @@ def load_teacher(path, n_tokens, patch, in_chans):
     try:
         teacher.load_state_dict(sd)
     except RuntimeError as e:
-        raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({str(e).splitlines()[1][:200]})') from None
+        raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({" ".join(str(e).split())[:240]})') from None
     return teacher.eval().requires_grad_(False)
 
 
