@@ -187,7 +187,8 @@ def load_teacher(path, n_tokens, patch, in_chans):
     layers = sum(k.endswith('attn.in_proj_weight') for k in sd)
     if p != patch or sd['positional_embedding'].shape[0] != n_tokens or c != in_chans:
         raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; '
-                         f'the student has patch {patch}, {n_tokens} tokens, {in_chans} channels (--model/--input_size)')
+                         f'the student has patch {patch}, {n_tokens} tokens, {in_chans} channels '
+                         f'(--model/--input_size)')
     teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
     try:
         teacher.load_state_dict(sd)
