@@ -520,7 +520,7 @@ def visualize(model, batch, tokenizer, args, path):
                  for t, q, m, p in zip(text[b].tolist(), guess[b].tolist(), out['text_mask'][b].tolist(),
                                        pad[b].tolist()) if not p]
         lines.append(f'{b + 1}: ' + ' '.join(words))
-    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines)
+    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines) + '\n'
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
                      ('prediction', to_img(torch.where(mask, pred, grey))),
                      ('prediction + visible', to_img(torch.where(mask, pred, target)))], note)
@@ -554,9 +554,7 @@ def main(args):
     elif (out / 'vocab.txt').is_file():  # a resumed run keeps its vocabulary
         tokens = (out / 'vocab.txt').read_text(encoding='utf-8').splitlines()
     else:
-        tokens = word_vocab([dataset.caption(i) for i in range(len(dataset))] + (lines or []))
-        if d.main:
-            (out / 'vocab.txt').write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+        tokens = word_vocab([dataset.caption(i) for i in range(len(dataset))] + (lines or []))  # saved below
     dataset.tokenizer = WordPiece(tokens)
     loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
@@ -575,6 +573,8 @@ def main(args):
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
+    if d.main and not args.vocab:  # once the checkpoint (if any) was accepted: the ids this model was trained on
+        (out / 'vocab.txt').write_text('\n'.join(tokens) + '\n', encoding='utf-8')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
