@@ -9,29 +9,24 @@ regresses the dataset-normalised pixels of the hidden patches and predicts the h
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab bert-base-uncased-vocab.txt   # ViT-L/16, README recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
-Data: image files with a same-stem .txt caption beside them (found recursively; an image without one gets an empty
-caption), or a .tsv of `path<TAB>caption` lines (paths relative to the tsv). `--vocab` is BERT's vocab.txt
-(bert-base-uncased, 30522 lines); without it a word-level vocabulary of the training captions is built and saved
-as output_dir/vocab.txt (NOT the paper's tokenizer). `encoder.pth` is the image path in timm's VisionTransformer
-layout (cls has no position: row 0 of pos_embed is zero; the image type embedding is folded into pos_embed);
-build the ViT with GELU tanh (`act_layer='gelu_tanh'` in timm) and LayerNorm eps 1e-6.
+Data: image files with a same-stem .txt caption beside them (recursively; an image without one gets an empty
+caption), or a .tsv of `path<TAB>caption` (paths relative to it). `--vocab`: BERT's vocab.txt (bert-base-uncased);
+without it a word-level vocabulary of the captions is saved as output_dir/vocab.txt (NOT the paper's tokenizer).
+`encoder.pth`: the image path in timm's VisionTransformer layout (row 0 of pos_embed, cls's, is zero; the image type
+embedding is folded into pos_embed); build the ViT with act_layer='gelu_tanh' and LayerNorm eps 1e-6.
 
 Deviations from the reference:
-- PyTorch, not Flax: state-dict keys keep the Flax module names at the top level (text_embedding, image_embedding,
-  cls_token, *_type_embedding, *_mask_embedding, decoder_input_projection, decoder_*_output) and timm's names in
-  the blocks (encoder.blocks.i.attn.qkv, ...); no converter for the Flax pickles is included.
+- PyTorch, not Flax: keys keep the Flax names at the top level (text_embedding, cls_token, *_type_embedding, ...)
+  and timm's in the blocks (encoder.blocks.i.attn.qkv, ...); no converter for the Flax pickles is included.
 - The effective batch is `--global_batch` (4096, README); `accum_iter` is derived. bf16 autocast by default on
-  CUDA (reference: fp32 on TPU); fused AdamW; a non-finite loss/gradient skips the step and is counted.
-- Padded keys get an additive -1e7 through SDPA (reference: the logit replaced by -1e7): the same softmax, since
-  cls is never padded. Sin-cos tables are computed in float64 and hold for non-square grids (reference: square).
-- Schedule per iteration from the fractional epoch (reference: optax warmup_cosine_decay per step): the same curve.
-  `--clip_grad 0` (reference: clip_by_global_norm(1e9), never active). Per-rank seeds seed + rank.
-- Data: files and a tsv instead of HDF5; shuffled each epoch (reference: HDF5 order); crops from
-  (seed, epoch, index); an unreadable image is replaced by the next pair and counted. An image without a caption
-  file trains with an empty caption, as the reference trains an empty one (all padding, no text loss).
-- Unpaired text (`--text_data`): a text file held in memory, one batch per micro-step drawn with replacement from
-  (seed, rank, micro-step) and tokenised in the main process (reference: a second HDF5 loader). Its weight
-  defaults to 1.0 when the file is given (reference flag: 0 = off; no published value).
+  CUDA; fused AdamW; a non-finite loss/gradient skips the step and is counted. `--clip_grad 0` (ref: 1e9).
+- Padded keys get an additive -1e7 in SDPA (ref: the logit replaced by -1e7): the same softmax, as cls is never
+  padded. Sin-cos tables in float64, right for non-square grids (ref: square only).
+- Schedule per iteration from the fractional epoch (ref: optax warmup_cosine_decay per step). Seeds seed + rank.
+- Data: files or a tsv (ref: HDF5), shuffled each epoch (ref: file order), crops from (seed, epoch, index); an
+  unreadable image is replaced by the next pair and counted. No caption file = an empty caption (ref: all padding).
+- Unpaired text (`--text_data`): a file held in memory, one batch per micro-step drawn with replacement from
+  (seed, rank, step) in the main process (ref: a second HDF5 loader); weight 1.0 (ref flag: 0 = off).
 - An epoch is truncated to whole accumulation cycles; `checkpoint-<epoch>.pth` every --keep_every epochs.
 """
 import dataclasses
@@ -55,11 +50,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (IMAGE_EXTENSIONS, Block, Logger, accumulation, amp_setup, check_args,
-                    check_mask_ratio, check_readable, cosine_lr, make_loader, normalize, optimizer_step, pair,
-                    parse_args, patchify, random_resized_crop_params, read_or_next, resume, save_grid,
-                    save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d, to_mode, unpatchify,
-                    unwrap)
+from common import (IMAGE_EXTENSIONS, Block, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
+                    check_readable, cosine_lr, make_loader, normalize, optimizer_step, pair, parse_args, patchify,
+                    random_resized_crop_params, read_or_next, resume, save_grid, save_loss_curve, save_training_state,
+                    setup_run, sincos_1d, sincos_2d, to_mode, unpatchify, unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -68,7 +62,7 @@ CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # re
 
 @dataclass
 class Args:
-    data: Optional[str] = None  # folder of images + same-stem .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
+    data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
     demo: bool = False  # tiny model on synthetic captioned images, a couple of minutes on a laptop CPU
     output_dir: str = 'output_m3ae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, vocab.txt, encoder.pth
     model: str = 'large'  # tiny | small | base | large | huge (MODELS); ref README --m3ae.model_type='large'
@@ -108,23 +102,13 @@ class Args:
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref model.py get_transformer_by_config
-MODELS = {
-    'tiny': (8, 128, 4, 4, 128, 2, 4),  # ours, for the demo and tests
-    'small': (16, 384, 12, 6, 512, 8, 16),
-    'base': (16, 768, 12, 12, 512, 8, 16),
-    'large': (16, 1024, 24, 16, 512, 8, 16),
-    'huge': (16, 1280, 32, 16, 512, 8, 16),
-}
-DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64,
-            epochs=8, warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8,
-            keep_every=4)
+MODELS = {'tiny': (8, 128, 4, 4, 128, 2, 4),  # ours, for the demo and tests
+          'small': (16, 384, 12, 6, 512, 8, 16), 'base': (16, 768, 12, 12, 512, 8, 16),
+          'large': (16, 1024, 24, 16, 512, 8, 16), 'huge': (16, 1280, 32, 16, 512, 8, 16)}
+DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64, epochs=8,
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8, keep_every=4)
 
 # --------------------------------------------------------------------------- text: BERT's uncased WordPiece
-
-
-def _is_punct(ch):
-    cp = ord(ch)
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch)[0] == 'P'
 
 
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
@@ -132,29 +116,21 @@ CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F
 
 
 def basic_words(text):
-    """BERT's BasicTokenizer (uncased): drop NUL/U+FFFD/control chars, whitespace to ' ', CJK chars as words,
-    lower-case, strip accents (NFD, drop marks), split every punctuation char off."""
+    """BERT's BasicTokenizer (uncased): drop NUL, U+FFFD and control chars, lower-case, strip accents (NFD, drop
+    marks), split on whitespace, and make every punctuation char (ASCII symbols, Unicode P*) and CJK char a word."""
     out = []
-    for ch in unicodedata.normalize('NFC', text):
+    for ch in unicodedata.normalize('NFD', unicodedata.normalize('NFC', text).lower()):
         cp, cat = ord(ch), unicodedata.category(ch)
-        if cp == 0 or cp == 0xFFFD or (cat in ('Cc', 'Cf') and ch not in '\t\n\r'):
+        if cp == 0 or cp == 0xFFFD or cat == 'Mn' or (cat in ('Cc', 'Cf') and ch not in '\t\n\r'):
             continue
-        out.append(' ' if ch in ' \t\n\r' or cat == 'Zs' else f' {ch} ' if any(a <= cp <= b for a, b in CJK) else ch)
-    words = []
-    for token in ''.join(out).lower().split():
-        token, cur = ''.join(c for c in unicodedata.normalize('NFD', token) if unicodedata.category(c) != 'Mn'), ''
-        for ch in token:  # every punctuation char is a word of its own
-            if _is_punct(ch):
-                words += [cur, ch] if cur else [ch]
-                cur = ''
-            else:
-                cur += ch
-        words += [cur] if cur else []
-    return words
+        alone = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat[0] == 'P' or any(
+            lo <= cp <= hi for lo, hi in CJK)
+        out.append(' ' if cat == 'Zs' else f' {ch} ' if alone else ch)
+    return ''.join(out).split()
 
 
 class WordPiece:
-    """BERT's uncased WordPiece over a vocab (one token per line, id = line number): greedy longest match, '##' for
+    """BERT's WordPiece over a vocab (one token per line, id = line number): greedy longest match, '##' before
     continuations, [UNK] for a word over 100 chars or one that cannot be split. No [CLS]/[SEP] (ref
     add_special_tokens=False); truncated to L and padded with id 0, with the padding mask (True = pad) beside it."""
 
@@ -167,12 +143,11 @@ class WordPiece:
             return [self.unk]
         ids, start = [], 0
         while start < len(word):
-            end = len(word)
-            while end > start and (('##' if start else '') + word[start:end]) not in self.vocab:
-                end -= 1
-            if end == start:
+            prefix = '##' if start else ''
+            end = next((e for e in range(len(word), start, -1) if prefix + word[start:e] in self.vocab), None)
+            if end is None:
                 return [self.unk]  # no piece fits: the whole word is unknown
-            ids.append(self.vocab[('##' if start else '') + word[start:end]])
+            ids.append(self.vocab[prefix + word[start:end]])
             start = end
         return ids
 
@@ -252,16 +227,13 @@ class M3AE(nn.Module):
             self.register_buffer(f'{name}_text_pos', sincos_1d(d, torch.arange(max_len))[None], persistent=False)
         self.initialize_weights()
 
-    def initialize_weights(self):  # Flax: Dense xavier_uniform + zero bias, Embed N(0, 1), params N(0, .02)
+    def initialize_weights(self):  # Flax: Dense xavier_uniform + zero bias, Embed N(0, 1), params N(0, .02), LN 1/0
         for m in self.modules():
             if isinstance(m, nn.Linear):  # fused qkv initialised as one (3D, D) matrix, as Flax's Dense(3D)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         nn.init.normal_(self.text_embedding.weight, std=1.0)
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 3:  # cls, type and mask embeddings
                 nn.init.normal_(p, std=0.02)
 
@@ -278,45 +250,38 @@ class M3AE(nn.Module):
         """patches (B, N, p*p*C) or None, text (B, L) or None with pad (B, L) True = pad. The sequence is
         [cls | kept image | kept text], kept tokens in shuffled order; positions and types added before masking."""
         B = (patches if patches is not None else text).shape[0]
-        xs, pads = [self.cls_token.expand(B, -1, -1)], [torch.zeros(B, 1, dtype=torch.bool, device=self.cls_token.device)]
-        img = txt = (None, None)
+        xs, img, txt = [self.cls_token.expand(B, -1, -1)], (None, None), (None, None)
+        n_keep = 0 if patches is None else int(patches.shape[1] * (1 - self.mask_ratio))
+        pads = [torch.zeros(B, 1 + n_keep, dtype=torch.bool, device=xs[0].device)]  # cls, kept patches: no padding
         if patches is not None:
-            n_keep = int(patches.shape[1] * (1 - self.mask_ratio))
-            x, mask, restore, _ = random_masking(self.embed_image(patches), n_keep, noise[0])  # (B, N_vis, D)
+            x, *img, _ = random_masking(self.embed_image(patches), n_keep, noise[0])  # (B, N_vis, D)
             xs.append(x)
-            pads.append(torch.zeros(B, n_keep, dtype=torch.bool, device=x.device))
-            img = (mask, restore)
         if text is not None:
             L = text.shape[1]
             t = self.text_embedding(text) + self.enc_text_pos[:, :L] + self.encoder_text_type_embedding  # (B, L, D)
-            t, mask, restore, pad_vis = random_masking(t, int(L * (1 - self.text_mask_ratio)), noise[1], pad)
-            xs.append(t)  # (B, L_vis, D)
+            t, *txt, pad_vis = random_masking(t, int(L * (1 - self.text_mask_ratio)), noise[1], pad)  # (B, L_vis, D)
+            xs.append(t)
             pads.append(pad_vis)  # kept pads stay out of attention
-            txt = (mask, restore)
         return self.encoder(torch.cat(xs, dim=1), torch.cat(pads, dim=1)), img, txt  # (B, 1+N_vis+L_vis, D)
 
     def forward_decoder(self, x, img_restore, txt_restore, pad):
         """Project, append mask embeddings, unshuffle each modality, then add positions and decoder types; the
         sequence [cls | N image | L text] with the full text padding mask. Returns (pixels, logits) or None each."""
         x = self.decoder_input_projection(x)  # (B, 1+N_vis+L_vis, Dd), one Dense for cls, image and text
-        B, parts, pads, at = x.shape[0], [x[:, :1]], [torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)], 1
-        if img_restore is not None:
-            N = img_restore.shape[0]
-            k = int(N * (1 - self.mask_ratio))
-            xi = torch.cat([x[:, at:at + k], self.image_mask_embedding.expand(B, N - k, -1)], dim=1)  # (B, N, Dd)
+        N = 0 if img_restore is None else img_restore.shape[0]
+        B, k = x.shape[0], int(N * (1 - self.mask_ratio))  # k kept patches
+        parts, pads = [x[:, :1]], [torch.zeros(B, 1 + N, dtype=torch.bool, device=x.device)]  # cls, image: no pads
+        if N:
+            xi = torch.cat([x[:, 1:1 + k], self.image_mask_embedding.expand(B, N - k, -1)], dim=1)  # (B, N, Dd)
             parts.append(xi[:, img_restore] + self.dec_image_pos + self.decoder_image_type_embedding)
-            pads.append(torch.zeros(B, N, dtype=torch.bool, device=x.device))
-            at += k
         if txt_restore is not None:
             L = txt_restore.shape[0]
-            xt = torch.cat([x[:, at:], self.text_mask_embedding.expand(B, L - x.shape[1] + at, -1)], dim=1)  # (B, L, Dd)
-            parts.append(xt[:, txt_restore] + self.dec_text_pos[:, :L] + self.decoder_text_type_embedding)
+            xt = torch.cat([x[:, 1 + k:], self.text_mask_embedding.expand(B, L + 1 + k - x.shape[1], -1)], dim=1)
+            parts.append(xt[:, txt_restore] + self.dec_text_pos[:, :L] + self.decoder_text_type_embedding)  # (B, L, Dd)
             pads.append(pad)
         y = self.decoder(torch.cat(parts, dim=1), torch.cat(pads, dim=1))  # (B, 1+N+L, Dd)
-        n_img = 0 if img_restore is None else img_restore.shape[0]
-        pix = self.decoder_image_output(y[:, 1:1 + n_img]) if n_img else None  # (B, N, p*p*C)
-        logits = self.decoder_text_output(y[:, 1 + n_img:]) if txt_restore is not None else None  # (B, L, V)
-        return pix, logits
+        pix = self.decoder_image_output(y[:, 1:1 + N]) if N else None  # (B, N, p*p*C)
+        return pix, None if txt_restore is None else self.decoder_text_output(y[:, 1 + N:])  # (B, L, V)
 
     def forward(self, imgs, text, pad, utext=None, upad=None, noise=(None, None)):
         """imgs (B, C, H, W) dataset-normalised, text/pad (B, L); utext/upad (B, L_u): unpaired text, its own
@@ -372,12 +337,11 @@ def encoder_state_dict(model):
 def param_groups(model, weight_decay):
     """ref get_weight_decay_mask: no decay where a name component is in the no-decay list (cls, type and mask
     embeddings, the text embedding, biases); LayerNorm scales and the other kernels ARE decayed."""
-    skip = {'cls_token', 'image_mask_embedding', 'text_mask_embedding', 'text_embedding', 'bias',
-            'encoder_image_type_embedding', 'encoder_text_type_embedding', 'decoder_image_type_embedding',
-            'decoder_text_type_embedding'}
+    skip = {'cls_token', 'image_mask_embedding', 'text_mask_embedding', 'text_embedding', 'bias'} | {
+        f'{a}_{b}_type_embedding' for a in ('encoder', 'decoder') for b in ('image', 'text')}
     groups = ([], [])
     for name, p in model.named_parameters():
-        groups[not set(name.split('.')) & skip].append(p)
+        groups[not set(name.split('.')) & skip].append(p)  # [no decay, decay]
     return [{'params': groups[0], 'weight_decay': 0.0}, {'params': groups[1], 'weight_decay': weight_decay}]
 
 
@@ -400,10 +364,9 @@ class CaptionedImages(torch.utils.data.Dataset):
             self.files = sorted(Path(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
                                 for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
             self.texts = [f.with_suffix('.txt') if f.with_suffix('.txt').is_file() else '' for f in self.files]
-            missing = sum(t == '' for t in self.texts)
-            if missing and self.files:
-                print(f'note: {missing} of {len(self.files)} images have no .txt caption: they train with empty text '
-                      f'(all padding, image loss only), as the reference treats an empty caption', file=sys.stderr)
+            if '' in self.texts and self.files:
+                print(f'note: {self.texts.count("")} of {len(self.files)} images have no .txt caption: they train with '
+                      f'empty text (image loss only), as the reference trains an empty caption', file=sys.stderr)
         else:
             raise SystemExit(f'data {root} does not exist (give --data FOLDER or FILE.tsv, or --data synthetic)')
         if not self.files:
@@ -470,8 +433,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         inside = {'disc': (y - cy) ** 2 + (x - cx) ** 2 < r ** 2, 'square': (abs(y - cy) < r) & (abs(x - cx) < r),
                   'triangle': (y - cy < r) & (y - cy > -r + 2 * abs(x - cx))}[shape]  # (H, W)
         img = np.where(inside[..., None], COLOURS[fg], COLOURS[bg]).astype(np.uint8)  # (H, W, 3)
-        if self.in_chans == 1:
-            img = img.mean(-1, keepdims=True).astype(np.uint8)
+        img = img.mean(-1, keepdims=True).astype(np.uint8) if self.in_chans == 1 else img
         ids, pad = self.tokenizer.encode(self.caption(idx), self.text_len)
         return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), ids, pad), 0, -1  # (C, H, W)
 
@@ -506,20 +468,17 @@ def visualize(model, batch, tokenizer, args, path):
     model.eval()
     imgs, text, pad = batch
     g = torch.Generator().manual_seed(0)
-    noise = (torch.rand(model.grid[0] * model.grid[1], generator=g).to(imgs.device),
-             torch.rand(text.shape[1], generator=g).to(imgs.device))
+    noise = [torch.rand(n, generator=g).to(imgs.device) for n in (model.grid[0] * model.grid[1], text.shape[1])]
     _, out = model(imgs, text, pad, noise=noise)
     mask, C = out['mask'][..., None], imgs.shape[1]  # (B, N, 1)
-    std, mean = torch.tensor(args.std, device=imgs.device).view(1, -1, 1, 1), torch.tensor(args.mean, device=imgs.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=imgs.device).view(1, -1, 1, 1) for v in (args.mean, args.std))
     to_img = lambda t: unpatchify(t, model.patch, *model.grid, C) * std + mean  # noqa: E731
     target, pred = patchify(imgs, model.patch), out['pred'].float()  # (B, N, p*p*C)
     grey = patchify((torch.full_like(imgs, 0.5) - mean) / std, model.patch)
-    lines, guess = [], out['logits'].argmax(-1)  # (B, L)
-    for b in range(text.shape[0]):
-        words = [f'[{tokenizer.tokens[t]}>{tokenizer.tokens[q]}]' if m else tokenizer.tokens[t]
-                 for t, q, m, p in zip(text[b].tolist(), guess[b].tolist(), out['text_mask'][b].tolist(),
-                                       pad[b].tolist()) if not p]
-        lines.append(f'{b + 1}: ' + ' '.join(words))
+    words, lines = tokenizer.tokens, []
+    for b, (t, q, m, p) in enumerate(zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))):
+        lines.append(f'{b + 1}: ' + ' '.join(f'[{words[i]}>{words[j]}]' if h else words[i]
+                                             for i, j, h, e in zip(t, q, m, p) if not e))
     note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines) + '\n'
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
                      ('prediction', to_img(torch.where(mask, pred, grey))),
@@ -542,6 +501,9 @@ def main(args):
     if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:
         raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of the {L} text positions: give 0 < '
                          f'ratio <= 1 that hides at least one')
+    for flag, path in (('--vocab', args.vocab), ('--text_data', args.text_data)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f'{flag} {path}: no such file')
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
@@ -549,12 +511,9 @@ def main(args):
 
     dataset = pair_dataset(args)  # ref: RRC(256, 0.2-1, bicubic) + flip; CC12M normalisation on the device
     lines = Path(args.text_data).read_text(encoding='utf-8').splitlines() if args.text_data else None
-    if args.vocab:
-        tokens = Path(args.vocab).read_text(encoding='utf-8').splitlines()
-    elif (out / 'vocab.txt').is_file():  # a resumed run keeps its vocabulary
-        tokens = (out / 'vocab.txt').read_text(encoding='utf-8').splitlines()
-    else:
-        tokens = word_vocab([dataset.caption(i) for i in range(len(dataset))] + (lines or []))  # saved below
+    vocab = Path(args.vocab) if args.vocab else out / 'vocab.txt'  # a resumed run keeps its word vocabulary
+    tokens = vocab.read_text(encoding='utf-8').splitlines() if vocab.is_file() else word_vocab(
+        [dataset.caption(i) for i in range(len(dataset))] + (lines or []))  # saved below
     dataset.tokenizer = WordPiece(tokens)
     loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
@@ -564,9 +523,8 @@ def main(args):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
     model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, len(tokens), args.in_chans,
-                 args.mask_ratio, args.text_mask_ratio,
-                 (args.image_loss_weight, args.text_loss_weight, args.unpaired_text_weight),
-                 max(L, args.unpaired_len)).to(d.device)
+                 args.mask_ratio, args.text_mask_ratio, (args.image_loss_weight, args.text_loss_weight,
+                                                         args.unpaired_text_weight), max(L, args.unpaired_len)).to(d.device)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # fused: skips a non-finite step on the device
