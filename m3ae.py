@@ -1,19 +1,16 @@
 """M3AE: Multimodal Masked Autoencoders Learn Transferable Representations (Geng et al., arXiv 2205.14204).
 
 Reference (JAX/Flax): github.com/young-geng/m3ae_public (m3ae/model.py, m3ae/m3ae_main.py, m3ae/data.py).
-One ViT encoder sees the visible 25% of the image patches and the visible 25% of the text positions together
-([cls | image | text], a type embedding per modality); a shared decoder fills both with mask embeddings and
-regresses the dataset-normalised pixels of the hidden patches and predicts the hidden words.
+One ViT encoder sees the visible 25% of the image patches and of the text positions together ([cls | image | text],
+a type embedding per modality); a shared decoder regresses the pixels of the hidden patches and predicts hidden words.
 
     python m3ae.py --demo                                              # tiny model, synthetic captioned images, CPU
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab bert-base-uncased-vocab.txt   # ViT-L/16, README recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
-Data: image files with a same-stem .txt caption beside them (recursively; an image without one gets an empty
-caption), or a .tsv of `path<TAB>caption` (paths relative to it). `--vocab`: BERT's vocab.txt (bert-base-uncased);
-without it a word-level vocabulary of the captions is saved as output_dir/vocab.txt (NOT the paper's tokenizer).
-`encoder.pth`: the image path in timm's VisionTransformer layout (row 0 of pos_embed, cls's, is zero; the image type
-embedding is folded into pos_embed); build the ViT with act_layer='gelu_tanh' and LayerNorm eps 1e-6.
+Data: image files with a same-stem .txt caption beside them, or a .tsv of `path<TAB>caption` (CaptionedImages).
+`--vocab`: BERT's vocab.txt; without it a word vocabulary of the captions (NOT the paper's tokenizer) is saved as
+output_dir/vocab.txt. `encoder.pth`: the image path in timm's VisionTransformer layout (encoder_state_dict).
 
 Deviations from the reference:
 - PyTorch, not Flax: keys keep the Flax names at the top level (text_embedding, cls_token, *_type_embedding, ...)
@@ -21,13 +18,13 @@ Deviations from the reference:
 - The effective batch is `--global_batch` (4096, README); `accum_iter` is derived. bf16 autocast by default on
   CUDA; fused AdamW; a non-finite loss/gradient skips the step and is counted. `--clip_grad 0` (ref: 1e9).
 - Padded keys get an additive -1e7 in SDPA (ref: the logit replaced by -1e7): the same softmax, as cls is never
-  padded. Sin-cos tables in float64, right for non-square grids (ref: square only).
-- Schedule per iteration from the fractional epoch (ref: optax warmup_cosine_decay per step). Seeds seed + rank.
+  padded. Sin-cos tables in float64, right for non-square grids (ref: square only). Seeds: seed + rank.
+- Schedule per iteration from the fractional epoch (ref: optax warmup_cosine_decay per step); an epoch is
+  truncated to whole accumulation cycles; `checkpoint-<epoch>.pth` every --keep_every epochs.
 - Data: files or a tsv (ref: HDF5), shuffled each epoch (ref: file order), crops from (seed, epoch, index); an
   unreadable image is replaced by the next pair and counted. No caption file = an empty caption (ref: all padding).
 - Unpaired text (`--text_data`): a file held in memory, one batch per micro-step drawn with replacement from
   (seed, rank, step) in the main process (ref: a second HDF5 loader); weight 1.0 (ref flag: 0 = off).
-- An epoch is truncated to whole accumulation cycles; `checkpoint-<epoch>.pth` every --keep_every epochs.
 """
 import dataclasses
 import json
@@ -50,10 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (IMAGE_EXTENSIONS, Block, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
+from common import (Block, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
                     check_readable, cosine_lr, make_loader, normalize, optimizer_step, pair, parse_args, patchify,
-                    random_resized_crop_params, read_or_next, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_1d, sincos_2d, to_mode, unpatchify, unwrap)
+                    resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d,
+                    unpatchify, unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -105,8 +102,9 @@ class Args:
 MODELS = {'tiny': (8, 128, 4, 4, 128, 2, 4),  # ours, for the demo and tests
           'small': (16, 384, 12, 6, 512, 8, 16), 'base': (16, 768, 12, 12, 512, 8, 16),
           'large': (16, 1024, 24, 16, 512, 8, 16), 'huge': (16, 1280, 32, 16, 512, 8, 16)}
-DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64, epochs=8,
-            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8, keep_every=4)
+DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64,
+            epochs=8, warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8,
+            keep_every=4)
 
 # --------------------------------------------------------------------------- text: BERT's uncased WordPiece
 
@@ -131,8 +129,7 @@ def basic_words(text):
 
 class WordPiece:
     """BERT's WordPiece over a vocab (one token per line, id = line number): greedy longest match, '##' before
-    continuations, [UNK] for a word over 100 chars or one that cannot be split. No [CLS]/[SEP] (ref
-    add_special_tokens=False); truncated to L and padded with id 0, with the padding mask (True = pad) beside it."""
+    continuations, [UNK] for a word over 100 chars or that cannot be split. No [CLS]/[SEP] (ref), pad id 0."""
 
     def __init__(self, tokens):
         self.tokens, self.vocab = list(tokens), {t: i for i, t in enumerate(tokens)}
@@ -157,20 +154,13 @@ class WordPiece:
         return torch.tensor(ids + [0] * (L - len(ids)), dtype=torch.long), pad  # (L,), (L,)
 
 
-def word_vocab(texts):
-    """Without --vocab: [PAD], [UNK] and every word of the texts (BERT's basic split), most frequent first."""
-    counts = Counter(w for t in texts for w in basic_words(t))
-    return ['[PAD]', '[UNK]'] + sorted(counts, key=lambda w: (-counts[w], w))
-
-
 # --------------------------------------------------------------------------- masking (paper Sec. 3, ref random_masking)
 
 
 def random_masking(x, n_keep, noise=None, pad=None):
-    """ONE permutation for the whole batch (ref: noise of shape (N,), per process and step): the n_keep positions
-    with the smallest noise stay. x: (B, N, D) -> x_vis (B, n_keep, D), mask (B, N) bool True = hidden,
-    ids_restore (N,), and the kept part of the padding mask pad (B, N) when given."""
-    B, N, D = x.shape
+    """ONE permutation for the whole batch (ref: noise of shape (N,)): the n_keep positions of smallest noise stay.
+    x (B, N, D) -> x_vis (B, n_keep, D), mask (B, N) True = hidden, ids_restore (N,), the kept part of pad (B, N)."""
+    B, N = x.shape[:2]
     noise = torch.rand(N, device=x.device) if noise is None else noise  # (N,)
     ids_shuffle = noise.argsort()  # (N,) small noise = keep
     ids_restore = ids_shuffle.argsort()  # (N,)
@@ -237,12 +227,9 @@ class M3AE(nn.Module):
             if p.dim() == 3:  # cls, type and mask embeddings
                 nn.init.normal_(p, std=0.02)
 
-    def embed_image(self, patches):
-        return self.image_embedding(patches) + self.enc_image_pos + self.encoder_image_type_embedding  # (B, N, D)
-
     def forward_representation(self, imgs):
         """The image path without masking (ref forward_representation; what encoder.pth computes): (B, 1+N, D)."""
-        x = self.embed_image(patchify(imgs, self.patch))  # (B, N, D)
+        x = self.image_embedding(patchify(imgs, self.patch)) + self.enc_image_pos + self.encoder_image_type_embedding
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.encoder(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
 
@@ -254,7 +241,8 @@ class M3AE(nn.Module):
         n_keep = 0 if patches is None else int(patches.shape[1] * (1 - self.mask_ratio))
         pads = [torch.zeros(B, 1 + n_keep, dtype=torch.bool, device=xs[0].device)]  # cls, kept patches: no padding
         if patches is not None:
-            x, *img, _ = random_masking(self.embed_image(patches), n_keep, noise[0])  # (B, N_vis, D)
+            x = self.image_embedding(patches) + self.enc_image_pos + self.encoder_image_type_embedding  # (B, N, D)
+            x, *img, _ = random_masking(x, n_keep, noise[0])  # (B, N_vis, D)
             xs.append(x)
         if text is not None:
             L = text.shape[1]
@@ -289,8 +277,7 @@ class M3AE(nn.Module):
         patches = patchify(imgs, self.patch)  # (B, N, p*p*C): also the target (no norm-pix)
         x, (img_mask, img_restore), (txt_mask, txt_restore) = self.forward_encoder(patches, text, pad, noise)
         pix, logits = self.forward_decoder(x, img_restore, txt_restore, pad)
-        l_img = image_loss(pix, patches, img_mask)
-        l_txt, acc = text_loss(logits, text, txt_mask, pad)
+        l_img, (l_txt, acc) = image_loss(pix, patches, img_mask), text_loss(logits, text, txt_mask, pad)
         loss = self.weights[0] * l_img + self.weights[1] * l_txt
         out = {'pred': pix, 'mask': img_mask, 'logits': logits, 'text_mask': txt_mask, 'image_loss': l_img,
                'text_loss': l_txt, 'text_acc': acc}
@@ -325,9 +312,8 @@ def encoder_state_dict(model):
     """The image path (forward_representation) in timm's VisionTransformer layout: patch_embed.proj from the Dense
     on (row, col, channel) pixels, pos_embed = [0 for cls | sin-cos + image type], blocks.*, norm.*."""
     sd, p, C = model.state_dict(), model.patch, model.in_chans
-    out = {'cls_token': sd['cls_token'],
-           'pos_embed': torch.cat([torch.zeros_like(sd['cls_token']),
-                                   model.enc_image_pos + sd['encoder_image_type_embedding']], dim=1),  # (1, 1+N, D)
+    pos = torch.cat([torch.zeros_like(sd['cls_token']), model.enc_image_pos + sd['encoder_image_type_embedding']], 1)
+    out = {'cls_token': sd['cls_token'], 'pos_embed': pos,  # (1, 1+N, D)
            'patch_embed.proj.weight': sd['image_embedding.weight'].reshape(-1, p, p, C).permute(0, 3, 1, 2),
            'patch_embed.proj.bias': sd['image_embedding.bias']}
     out.update({k.removeprefix('encoder.'): v for k, v in sd.items() if k.startswith('encoder.')})
@@ -348,55 +334,34 @@ def param_groups(model, weight_decay):
 # --------------------------------------------------------------------------- data: image-caption pairs
 
 
-class CaptionedImages(torch.utils.data.Dataset):
-    """Image files with a same-stem .txt caption beside them (recursively; `train/` if present), or a .tsv of
-    path<TAB>caption. Items ((uint8 (C, H, W), ids (L,), pad (L,)), 0, bad) as common.read_or_next makes them:
-    RandomResizedCrop + flip from (seed, epoch, index); an unreadable pair is replaced by the next and counted."""
+class CaptionedImages(ImageFiles):
+    """Image files with a same-stem .txt caption beside them (common.ImageFiles: recursively, `train/` if present;
+    no .txt = an empty caption), or a .tsv of path<TAB>caption, paths relative to it. Items ((uint8 (C, H, W), ids
+    (L,), pad (L,)), label, bad): RRC(0.2-1, bicubic) + flip from (seed, epoch, index); unreadable pairs counted."""
 
-    def __init__(self, root, size, text_len, scale=(0.2, 1.0), in_chans=3, seed=0):
-        root = Path(root)
-        if root.is_file() and root.suffix.lower() == '.tsv':
+    def __init__(self, root, size, text_len, in_chans=3, seed=0):
+        root, self.text_len, self.tokenizer = Path(root), text_len, None
+        if root.suffix.lower() == '.tsv' and root.is_file():  # ImageFiles' fields, without walking a folder
             rows = [line.rstrip('\n').split('\t', 1) for line in open(root, encoding='utf-8') if line.strip()]
-            self.files = [root.parent / r[0] for r in rows]
-            self.texts = [r[1] if len(r) > 1 else '' for r in rows]  # captions held in memory
-        elif root.is_dir():
-            root = root / 'train' if (root / 'train').is_dir() else root
-            self.files = sorted(Path(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
-                                for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-            self.texts = [f.with_suffix('.txt') if f.with_suffix('.txt').is_file() else '' for f in self.files]
-            if '' in self.texts and self.files:
-                print(f'note: {self.texts.count("")} of {len(self.files)} images have no .txt caption: they train with '
-                      f'empty text (image loss only), as the reference trains an empty caption', file=sys.stderr)
-        else:
-            raise SystemExit(f'data {root} does not exist (give --data FOLDER or FILE.tsv, or --data synthetic)')
-        if not self.files:
-            raise SystemExit(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
-        self.labels, self.size, self.scale, self.text_len = [0] * len(self.files), pair(size), scale, text_len
-        self.in_chans, self.seed, self.warned, self.tokenizer = in_chans, seed, set(), None
-
-    def __len__(self):
-        return len(self.files)
+            self.files, self.texts = [root.parent / r[0] for r in rows], [(r + [''])[1] for r in rows]  # in memory
+            self.size, self.scale, self.ratio, self.flip = pair(size), (0.2, 1.0), (3 / 4, 4 / 3), True
+            self.resample = Image.BICUBIC
+            self.labels, self.in_chans, self.seed, self.warned = [0] * len(rows), in_chans, seed, set()
+            if not rows:
+                raise SystemExit(f'no images listed in {root}')
+            return
+        super().__init__(root, size, (0.2, 1.0), interpolation='bicubic', in_chans=in_chans, seed=seed)
+        self.texts = [f.with_suffix('.txt') if f.with_suffix('.txt').is_file() else '' for f in self.files]
+        if '' in self.texts:
+            print(f'note: {self.texts.count("")} of {len(self.files)} images have no .txt caption: they train with '
+                  f'empty text (image loss only), as the reference trains an empty caption', file=sys.stderr)
 
     def caption(self, i):
         t = self.texts[i]
-        return t.read_text(encoding='utf-8').strip() if isinstance(t, Path) else t
+        return t.read_text(encoding='utf-8', errors='replace').strip() if isinstance(t, Path) else t
 
     def load(self, idx, rng):
-        img = Image.open(self.files[idx])
-        W0, H0 = img.size
-        top, left, h, w = random_resized_crop_params(W0, H0, self.scale, (3 / 4, 4 / 3), rng)
-        (out_h, out_w), C = self.size, self.in_chans
-        if img.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale while the crop still covers the output size
-            img.draft('RGB' if C == 3 else 'L', (math.ceil(W0 * out_w / w), math.ceil(H0 * out_h / h)))
-        img = to_mode(img, C)
-        fx, fy = img.size[0] / W0, img.size[1] / H0
-        img = img.resize((out_w, out_h), Image.BICUBIC, box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(out_h, out_w, C)).permute(2, 0, 1)  # (C, H, W)
-        ids, pad = self.tokenizer.encode(self.caption(idx), self.text_len)  # (L,), (L,)
-        return (x.flip(-1) if rng.random() < 0.5 else x), ids, pad
-
-    def __getitem__(self, key):
-        return read_or_next(self, key, 'image')
+        return super().load(idx, rng), *self.tokenizer.encode(self.caption(idx), self.text_len)  # (C, H, W), (L,) x2
 
 
 COLOURS = {'red': (220, 30, 30), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 215, 40),
@@ -409,7 +374,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
     'a big red disc on blue at the left'. Same items as CaptionedImages; no augmentation (the caption names sides)."""
 
     def __init__(self, n, size, text_len, in_chans=3, seed=0):
-        self.n, self.size, self.text_len, self.in_chans, self.seed, self.tokenizer = n, pair(size), text_len, in_chans, seed, None
+        self.n, self.size, self.text_len, self.in_chans, self.seed = n, pair(size), text_len, in_chans, seed
 
     def __len__(self):
         return self.n
@@ -420,8 +385,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return list(COLOURS)[bg], list(COLOURS)[fg], *(str(rng.choice(v)) for v in (SHAPES, SIZES, PLACES))
 
     def caption(self, idx):
-        bg, fg, shape, size, place = self.scene(idx)
-        return f'a {size} {fg} {shape} on {bg} at the {place}'
+        return 'a {3} {1} {2} on {0} at the {4}'.format(*self.scene(idx))
 
     def __getitem__(self, key):
         idx = key[1] if isinstance(key, tuple) else key
@@ -429,7 +393,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         H, W = self.size
         y, x = np.mgrid[0:H, 0:W] / max(H, W)  # (H, W) each
         r = 0.22 if size == 'big' else 0.12
-        cy, cx = {'left': (.5, .27), 'right': (.5, .73), 'top': (.27, .5), 'bottom': (.73, .5), 'middle': (.5, .5)}[place]
+        cy, cx = {'left': (.5, .27), 'right': (.5, .73), 'top': (.27, .5), 'bottom': (.73, .5)}.get(place, (.5, .5))
         inside = {'disc': (y - cy) ** 2 + (x - cx) ** 2 < r ** 2, 'square': (abs(y - cy) < r) & (abs(x - cx) < r),
                   'triangle': (y - cy < r) & (y - cy > -r + 2 * abs(x - cx))}[shape]  # (H, W)
         img = np.where(inside[..., None], COLOURS[fg], COLOURS[bg]).astype(np.uint8)  # (H, W, 3)
@@ -438,32 +402,13 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), ids, pad), 0, -1  # (C, H, W)
 
 
-def pair_dataset(args):
-    """`--data synthetic[:N]` (default 10000 pairs), else a folder or a .tsv."""
-    if args.data.startswith('synthetic'):
-        n = int(args.data.split(':')[1]) if ':' in args.data else 10000
-        return SyntheticPairs(n, args.input_size, args.text_len, args.in_chans, args.seed)
-    dataset = CaptionedImages(args.data, args.input_size, args.text_len, in_chans=args.in_chans, seed=args.seed)
-    dataset.tokenizer = WordPiece(['[PAD]'])  # files are checked before any vocabulary is built
-    check_readable(dataset, 'image')
-    return dataset
-
-
-def text_batch(lines, tokenizer, L, B, key):
-    """Unpaired text for one micro-step: B lines drawn with replacement from `key` (seed, rank, micro-step)."""
-    rng = random.Random(key)
-    ids, pad = zip(*(tokenizer.encode(rng.choice(lines), L) for _ in range(B)))
-    return torch.stack(ids), torch.stack(pad)  # (B, L), (B, L)
-
-
 # --------------------------------------------------------------------------- pictures
 
 
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
-    """original | masked input | prediction (hidden patches) | prediction + visible, for a fixed batch and fixed
-    masks; below, each caption with its hidden words in [brackets] and the predicted words. Targets are
-    dataset-normalised pixels, so nothing of the hidden patches is used to show the prediction."""
+    """original | masked input | prediction (hidden patches) | prediction + visible for a fixed batch and masks, and
+    each caption with its hidden words as [true>predicted]. No statistic of a hidden patch is used to show it."""
     was_training = model.training
     model.eval()
     imgs, text, pad = batch
@@ -475,10 +420,9 @@ def visualize(model, batch, tokenizer, args, path):
     to_img = lambda t: unpatchify(t, model.patch, *model.grid, C) * std + mean  # noqa: E731
     target, pred = patchify(imgs, model.patch), out['pred'].float()  # (B, N, p*p*C)
     grey = patchify((torch.full_like(imgs, 0.5) - mean) / std, model.patch)
-    words, lines = tokenizer.tokens, []
-    for b, (t, q, m, p) in enumerate(zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))):
-        lines.append(f'{b + 1}: ' + ' '.join(f'[{words[i]}>{words[j]}]' if h else words[i]
-                                             for i, j, h, e in zip(t, q, m, p) if not e))
+    w, lines = tokenizer.tokens, []
+    for b, rows in enumerate(zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))):
+        lines.append(f'{b + 1}: ' + ' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*rows) if not p))
     note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines) + '\n'
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
                      ('prediction', to_img(torch.where(mask, pred, grey))),
@@ -509,12 +453,22 @@ def main(args):
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
     lr = args.blr * args.global_batch / 256
 
-    dataset = pair_dataset(args)  # ref: RRC(256, 0.2-1, bicubic) + flip; CC12M normalisation on the device
+    if args.data.startswith('synthetic'):  # synthetic[:N], default 10000 pairs
+        dataset = SyntheticPairs(int(args.data.split(':')[1]) if ':' in args.data else 10000, args.input_size, L,
+                                 args.in_chans, args.seed)
+    else:  # ref: RandomResizedCrop(256, 0.2-1, bicubic) + flip; CC12M normalisation on the device
+        dataset = CaptionedImages(args.data, args.input_size, L, args.in_chans, args.seed)
     lines = Path(args.text_data).read_text(encoding='utf-8').splitlines() if args.text_data else None
     vocab = Path(args.vocab) if args.vocab else out / 'vocab.txt'  # a resumed run keeps its word vocabulary
-    tokens = vocab.read_text(encoding='utf-8').splitlines() if vocab.is_file() else word_vocab(
-        [dataset.caption(i) for i in range(len(dataset))] + (lines or []))  # saved below
-    dataset.tokenizer = WordPiece(tokens)
+    if vocab.is_file():
+        tokens = vocab.read_text(encoding='utf-8').splitlines()
+    else:  # [PAD], [UNK], then the words of the captions, most frequent first (saved below)
+        texts = [dataset.caption(i) for i in range(len(dataset))] + (lines or [])
+        counts = Counter(w for t in texts for w in basic_words(t))
+        tokens = ['[PAD]', '[UNK]'] + sorted(counts, key=lambda w: (-counts[w], w))
+    dataset.tokenizer = tokenizer = WordPiece(tokens)
+    if isinstance(dataset, CaptionedImages):
+        check_readable(dataset, 'image')
     loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
     steps_per_epoch = iters_per_epoch // accum
@@ -522,17 +476,18 @@ def main(args):
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
+    weights = (args.image_loss_weight, args.text_loss_weight, args.unpaired_text_weight)
     model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, len(tokens), args.in_chans,
-                 args.mask_ratio, args.text_mask_ratio, (args.image_loss_weight, args.text_loss_weight,
-                                                         args.unpaired_text_weight), max(L, args.unpaired_len)).to(d.device)
+                 args.mask_ratio, args.text_mask_ratio, weights, max(L, args.unpaired_len)).to(d.device)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # fused: skips a non-finite step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
-    if d.main and not args.vocab:  # once the checkpoint (if any) was accepted: the ids this model was trained on
-        (out / 'vocab.txt').write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+    if d.main and not args.vocab:  # once the checkpoint (if any) was accepted; atomic, as other ranks may read it
+        (out / 'vocab.tmp').write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+        os.replace(out / 'vocab.tmp', out / 'vocab.txt')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
@@ -552,8 +507,8 @@ def main(args):
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
-            visualize(unwrap(model), vis, dataset.tokenizer, args,
-                      out / f'vis_{epoch_done if epoch_done is not None else step}.png')
+            name = f'vis_{step if epoch_done is None else epoch_done}.png'
+            visualize(unwrap(model), vis, tokenizer, args, out / name)
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
     logger, saved, stop = Logger(out, d, step), step, None
@@ -565,12 +520,13 @@ def main(args):
         for it in range(first, iters_per_epoch):
             t = time.perf_counter()
             (imgs, text, pad), _, bad_files = next(batches)  # bad_files: indices of unreadable images, else -1
-            unpaired = () if lines is None else text_batch(lines, dataset.tokenizer, args.unpaired_len,
-                                                           args.batch_size, f'{args.seed}-{d.rank}-{epoch}-{it}')
+            rng = random.Random(f'{args.seed}-{d.rank}-{epoch}-{it}')  # unpaired text: drawn with replacement
+            picks = rng.choices(lines, k=args.batch_size) if lines else []
+            unpaired = [torch.stack(u) for u in zip(*(tokenizer.encode(t, args.unpaired_len) for t in picks))]
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             text, pad = text.to(d.device, non_blocking=True), pad.to(d.device, non_blocking=True)  # (B, L)
-            unpaired = [u.to(d.device, non_blocking=True) for u in unpaired]  # (B, L_u) each
+            unpaired = [u.to(d.device, non_blocking=True) for u in unpaired]
             if it % accum == 0:  # per-iteration schedule from the fractional epoch
                 for g in optimizer.param_groups:
                     g['lr'] = cosine_lr(epoch + it / iters_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs)

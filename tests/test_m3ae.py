@@ -66,10 +66,6 @@ def test_wordpiece_greedy_longest_match_unknowns_and_padding():
     assert m3ae.WordPiece(['[PAD]', 'x'] + ['y'] * 98 + ['[UNK]']).unk == 100  # BERT's [UNK] is line 100
 
 
-def test_word_vocab_most_frequent_first():
-    assert m3ae.word_vocab(['b a, a', 'C b a']) == ['[PAD]', '[UNK]', 'a', 'b', ',', 'c']
-
-
 # --------------------------------------------------------------------------- 2. masking
 
 
@@ -315,7 +311,7 @@ def test_caption_folder_and_tsv_pairing_and_skips(tmp_path, capsys):
 
 def test_synthetic_captions_describe_the_picture():
     ds = m3ae.SyntheticPairs(40, 32, 12)
-    ds.tokenizer = m3ae.WordPiece(m3ae.word_vocab([ds.caption(i) for i in range(40)]))
+    ds.tokenizer = m3ae.WordPiece(['[PAD]', '[UNK]'] + sorted({w for i in range(40) for w in ds.caption(i).split()}))
     for i in range(40):
         bg, fg, shape, size, place = ds.scene(i)
         (img, ids, pad), _, _ = ds[i]
@@ -324,10 +320,3 @@ def test_synthetic_captions_describe_the_picture():
         cy, cx = {'left': (16, 8), 'right': (16, 23), 'top': (8, 16), 'bottom': (23, 16), 'middle': (16, 16)}[place]
         assert img[:, cy + (2 if shape == 'triangle' else 0), cx].tolist() == list(m3ae.COLOURS[fg])
         assert img[:, 0, 0].tolist() == list(m3ae.COLOURS[bg])
-
-
-def test_unpaired_text_batches_are_keyed():
-    tok, lines = m3ae.WordPiece(VOCAB), ['the cat', 'hello', 'a cafe', '']
-    a, b = m3ae.text_batch(lines, tok, 4, 6, 'k1'), m3ae.text_batch(lines, tok, 4, 6, 'k1')
-    assert torch.equal(a[0], b[0]) and a[0].shape == (6, 4) and a[1].dtype == torch.bool
-    assert not torch.equal(a[0], m3ae.text_batch(lines, tok, 4, 6, 'k2')[0])
