@@ -8,9 +8,8 @@ a type embedding per modality); a shared decoder regresses the pixels of the hid
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab bert-base-uncased-vocab.txt   # ViT-L/16, README recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
-Data: image files with a same-stem .txt caption beside them, or a .tsv of `path<TAB>caption` (CaptionedImages).
-`--vocab`: BERT's vocab.txt; without it a word vocabulary of the captions (NOT the paper's tokenizer) is saved as
-output_dir/vocab.txt. `encoder.pth`: the image path in timm's VisionTransformer layout (encoder_state_dict).
+Data: images with same-stem .txt captions, or a .tsv (CaptionedImages). `--vocab`: BERT's vocab.txt; without it a
+word vocabulary of the captions (NOT the paper's tokenizer) is saved as output_dir/vocab.txt.
 
 Deviations from the reference:
 - PyTorch, not Flax: keys keep the Flax names at the top level (text_embedding, cls_token, *_type_embedding, ...)
@@ -114,8 +113,8 @@ CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F
 
 
 def basic_words(text):
-    """BERT's BasicTokenizer (uncased): drop NUL, U+FFFD and control chars, lower-case, strip accents (NFD, drop
-    marks), split on whitespace, and make every punctuation char (ASCII symbols, Unicode P*) and CJK char a word."""
+    """BERT's uncased BasicTokenizer: drop NUL/U+FFFD/control chars, lower-case, strip accents, split on whitespace,
+    every punctuation (ASCII symbols, Unicode P*) and CJK char a word of its own."""
     out = []
     for ch in unicodedata.normalize('NFD', unicodedata.normalize('NFC', text).lower()):
         cp, cat = ord(ch), unicodedata.category(ch)
@@ -164,9 +163,7 @@ def random_masking(x, n_keep, noise=None, pad=None):
     noise = torch.rand(N, device=x.device) if noise is None else noise  # (N,)
     ids_shuffle = noise.argsort()  # (N,) small noise = keep
     ids_restore = ids_shuffle.argsort()  # (N,)
-    mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
-    mask[:, :n_keep] = False
-    mask = mask[:, ids_restore]  # (B, N) in sequence order
+    mask = (ids_restore >= n_keep).expand(B, N)  # (B, N): hidden = ranked n_keep or later in the shuffle
     pad_vis = None if pad is None else pad[:, ids_shuffle[:n_keep]]  # (B, n_keep)
     return x[:, ids_shuffle[:n_keep]], mask, ids_restore, pad_vis
 
@@ -227,15 +224,8 @@ class M3AE(nn.Module):
             if p.dim() == 3:  # cls, type and mask embeddings
                 nn.init.normal_(p, std=0.02)
 
-    def forward_representation(self, imgs):
-        """The image path without masking (ref forward_representation; what encoder.pth computes): (B, 1+N, D)."""
-        x = self.image_embedding(patchify(imgs, self.patch)) + self.enc_image_pos + self.encoder_image_type_embedding
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        return self.encoder(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
-
     def forward_encoder(self, patches, text, pad, noise=(None, None)):
-        """patches (B, N, p*p*C) or None, text (B, L) or None with pad (B, L) True = pad. The sequence is
-        [cls | kept image | kept text], kept tokens in shuffled order; positions and types added before masking."""
+        """[cls | kept patches | kept text] (shuffled order) through the encoder; patches or text may be None."""
         B = (patches if patches is not None else text).shape[0]
         xs, img, txt = [self.cls_token.expand(B, -1, -1)], (None, None), (None, None)
         n_keep = 0 if patches is None else int(patches.shape[1] * (1 - self.mask_ratio))
@@ -253,8 +243,7 @@ class M3AE(nn.Module):
         return self.encoder(torch.cat(xs, dim=1), torch.cat(pads, dim=1)), img, txt  # (B, 1+N_vis+L_vis, D)
 
     def forward_decoder(self, x, img_restore, txt_restore, pad):
-        """Project, append mask embeddings, unshuffle each modality, then add positions and decoder types; the
-        sequence [cls | N image | L text] with the full text padding mask. Returns (pixels, logits) or None each."""
+        """Project, append mask embeddings, unshuffle, add positions and types: [cls | N image | L text] decoded."""
         x = self.decoder_input_projection(x)  # (B, 1+N_vis+L_vis, Dd), one Dense for cls, image and text
         N = 0 if img_restore is None else img_restore.shape[0]
         B, k = x.shape[0], int(N * (1 - self.mask_ratio))  # k kept patches
@@ -292,8 +281,7 @@ class M3AE(nn.Module):
 
 
 def image_loss(pred, target, mask):
-    """ref patch_mse_loss: per-sample mean over the hidden patches of the per-patch MSE, then the batch mean.
-    pred/target (B, N, p*p*C), mask (B, N) True = hidden."""
+    """ref patch_mse_loss: per-sample mean over hidden patches of the MSE, then the batch mean. mask (B, N)."""
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
     return ((per_patch * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
@@ -309,8 +297,8 @@ def text_loss(logits, ids, mask, pad):
 
 
 def encoder_state_dict(model):
-    """The image path (forward_representation) in timm's VisionTransformer layout: patch_embed.proj from the Dense
-    on (row, col, channel) pixels, pos_embed = [0 for cls | sin-cos + image type], blocks.*, norm.*."""
+    """The image path with nothing hidden (ref forward_representation: cls + all patches, the image type embedding
+    folded into pos_embed, cls's row 0) in timm's VisionTransformer layout; build it with act_layer='gelu_tanh'."""
     sd, p, C = model.state_dict(), model.patch, model.in_chans
     pos = torch.cat([torch.zeros_like(sd['cls_token']), model.enc_image_pos + sd['encoder_image_type_embedding']], 1)
     out = {'cls_token': sd['cls_token'], 'pos_embed': pos,  # (1, 1+N, D)
@@ -321,8 +309,7 @@ def encoder_state_dict(model):
 
 
 def param_groups(model, weight_decay):
-    """ref get_weight_decay_mask: no decay where a name component is in the no-decay list (cls, type and mask
-    embeddings, the text embedding, biases); LayerNorm scales and the other kernels ARE decayed."""
+    """ref get_weight_decay_mask: no decay when a name component is in the list; LayerNorm scales ARE decayed."""
     skip = {'cls_token', 'image_mask_embedding', 'text_mask_embedding', 'text_embedding', 'bias'} | {
         f'{a}_{b}_type_embedding' for a in ('encoder', 'decoder') for b in ('image', 'text')}
     groups = ([], [])
@@ -335,9 +322,8 @@ def param_groups(model, weight_decay):
 
 
 class CaptionedImages(ImageFiles):
-    """Image files with a same-stem .txt caption beside them (common.ImageFiles: recursively, `train/` if present;
-    no .txt = an empty caption), or a .tsv of path<TAB>caption, paths relative to it. Items ((uint8 (C, H, W), ids
-    (L,), pad (L,)), label, bad): RRC(0.2-1, bicubic) + flip from (seed, epoch, index); unreadable pairs counted."""
+    """Images with a same-stem .txt caption (found as common.ImageFiles does; no .txt = empty), or a .tsv of
+    path<TAB>caption (paths relative to it). Items ((uint8 (C, H, W), ids (L,), pad (L,)), label, bad) as ImageFiles'."""
 
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
@@ -370,8 +356,7 @@ SHAPES, SIZES, PLACES = ('disc', 'square', 'triangle'), ('small', 'big'), ('left
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
-    """Deterministic pictures of one shape on a plain background, captioned from what they show:
-    'a big red disc on blue at the left'. Same items as CaptionedImages; no augmentation (the caption names sides)."""
+    """One shape on a plain background, captioned from what it shows; no augmentation (the caption names sides)."""
 
     def __init__(self, n, size, text_len, in_chans=3, seed=0):
         self.n, self.size, self.text_len, self.in_chans, self.seed = n, pair(size), text_len, in_chans, seed
@@ -390,8 +375,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
     def __getitem__(self, key):
         idx = key[1] if isinstance(key, tuple) else key
         bg, fg, shape, size, place = self.scene(idx)
-        H, W = self.size
-        y, x = np.mgrid[0:H, 0:W] / max(H, W)  # (H, W) each
+        y, x = np.mgrid[0:self.size[0], 0:self.size[1]] / max(self.size)  # (H, W) each
         r = 0.22 if size == 'big' else 0.12
         cy, cx = {'left': (.5, .27), 'right': (.5, .73), 'top': (.27, .5), 'bottom': (.73, .5)}.get(place, (.5, .5))
         inside = {'disc': (y - cy) ** 2 + (x - cx) ** 2 < r ** 2, 'square': (abs(y - cy) < r) & (abs(x - cx) < r),
@@ -407,8 +391,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
-    """original | masked input | prediction (hidden patches) | prediction + visible for a fixed batch and masks, and
-    each caption with its hidden words as [true>predicted]. No statistic of a hidden patch is used to show it."""
+    """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under it each caption,
+    hidden words as [true>predicted]. Targets are dataset-normalised: nothing of a hidden patch is used to show it."""
     was_training = model.training
     model.eval()
     imgs, text, pad = batch
@@ -420,13 +404,11 @@ def visualize(model, batch, tokenizer, args, path):
     to_img = lambda t: unpatchify(t, model.patch, *model.grid, C) * std + mean  # noqa: E731
     target, pred = patchify(imgs, model.patch), out['pred'].float()  # (B, N, p*p*C)
     grey = patchify((torch.full_like(imgs, 0.5) - mean) / std, model.patch)
-    w, lines = tokenizer.tokens, []
-    for b, rows in enumerate(zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))):
-        lines.append(f'{b + 1}: ' + ' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*rows) if not p))
+    w, rows = tokenizer.tokens, zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))
+    lines = [' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*r) if not p) for r in rows]
     note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines) + '\n'
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
-                     ('prediction', to_img(torch.where(mask, pred, grey))),
-                     ('prediction + visible', to_img(torch.where(mask, pred, target)))], note)
+                     ('reconstruction', to_img(torch.where(mask, pred, target)))], note)
     model.train(was_training)
 
 
@@ -442,9 +424,8 @@ def main(args):
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
     N, L = (H // patch) * (W // patch), args.text_len
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as random_masking rounds
-    if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:
-        raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of the {L} text positions: give 0 < '
-                         f'ratio <= 1 that hides at least one')
+    if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:  # all may be hidden
+        raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of {L} text positions: give 0 < r <= 1')
     for flag, path in (('--vocab', args.vocab), ('--text_data', args.text_data)):
         if path and not Path(path).is_file():
             raise SystemExit(f'{flag} {path}: no such file')
