@@ -8,9 +8,6 @@ a type embedding per modality); a shared decoder regresses the pixels of the hid
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab bert-base-uncased-vocab.txt   # ViT-L/16, README recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
-Data: images with same-stem .txt captions, or a .tsv (CaptionedImages). `--vocab`: BERT's vocab.txt; without it a
-word vocabulary of the captions (NOT the paper's tokenizer) is saved as output_dir/vocab.txt.
-
 Deviations from the reference:
 - PyTorch, not Flax: keys keep the Flax names at the top level (text_embedding, cls_token, *_type_embedding, ...)
   and timm's in the blocks (encoder.blocks.i.attn.qkv, ...); no converter for the Flax pickles is included.
@@ -31,6 +28,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 import unicodedata
 from collections import Counter
@@ -64,7 +62,7 @@ class Args:
     model: str = 'large'  # tiny | small | base | large | huge (MODELS); ref README --m3ae.model_type='large'
     input_size: tuple = (256,)  # H [W], divisible by the patch size; ref data.image_size 256
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
-    vocab: Optional[str] = None  # BERT vocab.txt (ref: bert-base-uncased); none: word-level vocab of the captions
+    vocab: Optional[str] = None  # BERT's vocab.txt (ref bert-base-uncased); none: a word vocab (NOT the paper's)
     text_len: int = 64  # tokens per caption, padded with id 0; ref tokenizer_max_length 64
     mask_ratio: float = 0.75  # image; ref README --m3ae.image_mask_ratio
     text_mask_ratio: float = 0.75  # ref README --m3ae.text_mask_ratio (paper: 50-90% works best)
@@ -182,7 +180,7 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x, pad):
-        bias = (pad[:, None, None, :].float() * -1e7)  # (B, 1, 1, N): padded keys get no attention
+        bias = pad[:, None, None, :].float() * -1e7  # (B, 1, 1, N): padded keys get no attention
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)
@@ -323,7 +321,7 @@ def param_groups(model, weight_decay):
 
 class CaptionedImages(ImageFiles):
     """Images with a same-stem .txt caption (found as common.ImageFiles does; no .txt = empty), or a .tsv of
-    path<TAB>caption (paths relative to it). Items ((uint8 (C, H, W), ids (L,), pad (L,)), label, bad) as ImageFiles'."""
+    path<TAB>caption, paths relative to it. Items ((uint8 (C, H, W), ids (L,), pad (L,)), label, bad) as ImageFiles."""
 
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
@@ -405,8 +403,10 @@ def visualize(model, batch, tokenizer, args, path):
     target, pred = patchify(imgs, model.patch), out['pred'].float()  # (B, N, p*p*C)
     grey = patchify((torch.full_like(imgs, 0.5) - mean) / std, model.patch)
     w, rows = tokenizer.tokens, zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))
-    lines = [' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*r) if not p) for r in rows]
-    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines) + '\n'
+    words = [' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*r) if not p) for r in rows]
+    lines = ['\n  '.join(textwrap.wrap(t, 60)) for t in words]  # fits under 3 columns of 128 px
+    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines)
+    note += '\n' * (note.count('\n') // 4 + 1)  # save_grid allows 12 px a line; the default font takes ~15
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
                      ('reconstruction', to_img(torch.where(mask, pred, target)))], note)
     model.train(was_training)
