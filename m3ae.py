@@ -503,7 +503,7 @@ def main(args):
             (imgs, text, pad), _, bad_files = next(batches)  # bad_files: indices of unreadable images, else -1
             rng = random.Random(f'{args.seed}-{d.rank}-{epoch}-{it}')  # unpaired text: drawn with replacement
             picks = rng.choices(lines, k=args.batch_size) if lines else []
-            unpaired = [torch.stack(u) for u in zip(*(tokenizer.encode(t, args.unpaired_len) for t in picks))]
+            unpaired = [torch.stack(u) for u in zip(*(tokenizer.encode(s, args.unpaired_len) for s in picks))]
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             text, pad = text.to(d.device, non_blocking=True), pad.to(d.device, non_blocking=True)  # (B, L)
