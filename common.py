@@ -803,7 +803,8 @@ def save_grid(path, columns, note='', pad=2, min_width=128):
     s = max(1, math.ceil(min_width / ims[0].shape[-1]))
     ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
     B, _, H, W = ims[0].shape
-    head, foot = 12 * max(1 + t.count('\n') for t in titles) + 2, 12 * (note.count('\n') + 1) + 4 if note else 0
+    tall = lambda text: ImageDraw.Draw(Image.new('1', (1, 1))).multiline_textbbox((0, 0), text, font=FONT)[3]  # noqa
+    head, foot = max(tall(t) for t in titles) + 4, tall(note) + 6 if note else 0
     canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, (title, im) in enumerate(zip(titles, ims)):

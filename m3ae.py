@@ -406,7 +406,6 @@ def visualize(model, batch, tokenizer, args, path):
     words = [' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*r) if not p) for r in rows]
     lines = ['\n  '.join(textwrap.wrap(t, 60)) for t in words]  # fits under 3 columns of 128 px
     note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines)
-    note += '\n' * (note.count('\n') // 4 + 1)  # save_grid allows 12 px a line; the default font takes ~15
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
                      ('reconstruction', to_img(torch.where(mask, pred, target)))], note)
     model.train(was_training)

@@ -2,8 +2,6 @@
 the tokenizer, the batch-shared masking, padding, the two losses, init, names, the timm export and the caption
 data. CPU only, the 'tiny' preset on 32 px inputs."""
 import math
-import random
-import unicodedata
 
 import numpy as np
 import pytest
