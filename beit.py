@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
-                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, random_resized_crop_params, resume,
+                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params, resume,
                     save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
@@ -537,12 +537,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if d.main and stop == 'preempted':
-        print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the encoder alone, as the reference fine-tuning code loads it
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, the reference fine-tuning layout
     return model
 
 

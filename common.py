@@ -669,6 +669,17 @@ def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch
     return True
 
 
+def finish(d, out, step, stop, encoder):
+    """The end of main(): after a preemption say how to resume; otherwise rank 0 writes `encoder` (the encoder's
+    state dict, in the layout the method's fine-tuning code loads) to output_dir/encoder.pth. Closes the group."""
+    if d.main and stop == 'preempted':
+        print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
+    elif d.main:  # the end, or --max_steps
+        torch.save({'model': encoder}, out / 'encoder.pth')
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
 def save_checkpoint(path, obj):
     """Atomic: write a temp file then rename, so a kill mid-write never leaves a broken checkpoint."""
     path = Path(path)
@@ -733,10 +744,10 @@ class Logger:
     """The training loop's bookkeeping between log steps, kept on the device (no per-step host sync): the loss sum,
     a method's own metric sums (e.g. BEiT's masked-token accuracy), micro-steps, unreadable files and the run of
     non-finite steps. `log_step` agrees across ranks on the averages and on preemption (one all-reduce), prints one
-    line and appends the same record to output_dir/log.jsonl (rank 0)."""
+    line (ending in `note`, e.g. MILAN's random-teacher warning) and appends the record to output_dir/log.jsonl."""
 
-    def __init__(self, output_dir, d, step, unit='img'):
-        self.d, self.path, self.last_step, self.unit = d, Path(output_dir) / 'log.jsonl', step, unit
+    def __init__(self, output_dir, d, step, unit='img', note=''):
+        self.d, self.path, self.last_step, self.unit, self.note = d, Path(output_dir) / 'log.jsonl', step, unit, note
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
         self.loss_sum, self.micro, self.bad_files, self.new_bad = torch.zeros((), device=d.device), 0, set(), set()
         self.metrics = {}  # name -> device sum over micro-steps; every rank adds the same names
@@ -784,7 +795,7 @@ class Logger:
                   + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} "
                   f"mem {rec['mem_gb']:.1f}G "
                   f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
-                  f"{int(eta % 60):02d}", flush=True)
+                  f"{int(eta % 60):02d}{self.note}", flush=True)
             with open(self.path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
         self.last, self.wait, self.last_step = now, 0.0, step

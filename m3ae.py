@@ -39,15 +39,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (Block, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
-                    check_readable, cosine_lr, make_loader, normalize, optimizer_step, pair, parse_args, patchify,
-                    resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d,
-                    unpatchify, unwrap)
+from common import (Block, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio, check_readable,
+                    cosine_lr, finish, make_loader, normalize, optimizer_step, pair, parse_args, patchify, resume,
+                    save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d, unpatchify,
+                    unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -534,13 +533,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the image encoder alone, in timm's ViT layout
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, image path, timm's ViT layout
     return model
 
 

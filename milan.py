@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, cosine_lr, image_dataset, load_checkpoint, make_loader, normalize,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
+                    check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader, normalize,
                     optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
                     save_training_state, setup_run, sincos_2d, unwrap)
 
@@ -439,7 +438,7 @@ def main(args):
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
     # every log line says when the targets come from a random teacher
-    logger, saved, stop = Logger(out, d, step, unit='img [RANDOM teacher]' if random_teacher else 'img'), step, None
+    logger, saved, stop = Logger(out, d, step, note=' [RANDOM teacher]' if random_teacher else ''), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -479,13 +478,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the encoder alone, in timm's ViT layout
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, timm's ViT layout
     return model
 
 

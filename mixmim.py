@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, image_dataset, make_loader, normalize, optimizer_step, pair,
+                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
                     param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
                     setup_run, sincos_2d, unpatchify, unwrap)
 
@@ -425,13 +424,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the encoder alone, as models_mixmim_ft.py loads it
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, models_mixmim_ft.py layout
     return model
 
 

@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Logger, Mlp, PatchEmbed, RelativePositionBias,
-                    accumulation, amp_setup, check_args, check_mask_ratio, drop_path, image_dataset, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
-                    save_training_state, setup_run, unwrap)
+                    accumulation, amp_setup, check_args, check_mask_ratio, drop_path, finish, image_dataset,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -513,13 +512,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the encoder alone, as the reference fine-tuning code loads it
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, the reference fine-tuning layout
     return model
 
 

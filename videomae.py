@@ -49,14 +49,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, check_readable, cosine_lr, make_loader, normalize, optimizer_step,
-                    pair, param_groups, parse_args, patchify, read_or_next, resume, save_grid, save_loss_curve,
-                    save_training_state, setup_run, to_mode, unpatchify, unwrap)
+                    check_args, check_mask_ratio, check_readable, cosine_lr, finish, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, read_or_next, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, to_mode, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -510,13 +509,7 @@ def main(args):
             break
     if saved != step:  # stopped inside an epoch: preemption or --max_steps
         save(None)
-    if stop == 'preempted':
-        if d.main:
-            print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
-    elif d.main:  # the end, or --max_steps: the encoder alone, as the reference's fine-tuning code loads it
-        torch.save({'model': encoder_state_dict(unwrap(model))}, out / 'encoder.pth')
-    if d.world > 1:
-        dist.destroy_process_group()
+    finish(d, out, step, stop, encoder_state_dict(unwrap(model)))  # encoder.pth, the reference fine-tuning layout
     return model
 
 

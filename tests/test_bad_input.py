@@ -384,7 +384,9 @@ def test_sigterm_to_a_torchrun_group_saves_and_resumes(tmp_path):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     args = quick('mae', out, '--data', 'synthetic:512', '--batch_size', 2, '--epochs', 50, '--num_workers', 1)
     rc, stdout, stderr = run_and_preempt('mae.py', args, out, tmp_path, group=True, launcher=launcher)
-    assert 'killed by signal' not in stderr and 'Traceback' not in stdout, stderr[-3000:]
+    # torchrun reports the signal with a traceback of its own; the ranks must not raise (nor lose their workers)
+    assert 'killed by signal' not in stderr and 'mae.py", line' not in stderr and 'common.py", line' not in stderr, \
+        stderr[-3000:]
     step = int(re.search(r'preempted at step (\d+)', stdout).group(1))
     ckpt = load(out / 'checkpoint.pth')
     assert ckpt['step'] == step >= 2 and len(ckpt['rng']) == 2
