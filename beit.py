@@ -41,10 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
-                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params, resume,
-                    save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, Logger, PatchEmbed,
+                    RelativePositionBias, SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params,
+                    resume, save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode,
+                    unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -86,6 +87,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref save_ckpt_freq: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
     vocab_size: int = 8192  # own tokenizer: codebook size (DALL-E: 8192)
     tok_width: int = 128  # own tokenizer: conv width; ours
     tok_epochs: int = 20  # own tokenizer: epochs; ours
@@ -98,7 +104,8 @@ class Args:
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
             crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3, num_workers=2,
-            output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3)
+            output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 2.2, Alg. 1)
 
@@ -344,6 +351,13 @@ class BEiT(nn.Module):
         return loss, {'logits': logits, 'mlm_acc': acc}
 
 
+def features(model, imgs):
+    """The patch tokens after the last norm, averaged; nothing masked: the pooled feature BEiT fine-tunes on (ref
+    modeling_finetune.py use_mean_pooling)."""
+    return model.forward_features(imgs, torch.zeros(len(imgs), model.patch_embed.num_patches, dtype=torch.bool,
+                                                    device=imgs.device))[:, 1:].mean(1)  # (B, D)
+
+
 def encoder_state_dict(model):
     """What the reference fine-tuning code loads (it copies the shared rel-pos table into every block): no lm_head."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith('lm_head.')}
@@ -397,7 +411,7 @@ def check(args):
     if args.stage == 'pretrain' and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
         raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
                          f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
-    if args.stage == 'pretrain' and args.tokenizer is None:
+    if args.stage == 'pretrain' and args.tokenizer is None and not args.eval_only:
         raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
     return H // patch, W // patch
 
@@ -444,6 +458,11 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
+    evaluate = Evaluation(args, features)  # --eval_data checked before any work (the demo's tokenizer too)
+    if args.eval_only:  # the encoder alone: no tokenizer
+        grid, (*arch, scale) = check(args), MODELS[args.model]
+        return evaluate.only(BEiT(pair(args.input_size), *arch, args.vocab_size, 0.0, scale if args.layer_scale is None
+                                  else args.layer_scale, args.abs_pos_emb))
     tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
     if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
         vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))
@@ -495,7 +514,11 @@ def main(args):
             visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done or step}.png')  # epoch_done >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-token accuracy
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

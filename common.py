@@ -215,14 +215,14 @@ def parse_args(Args, argv=None, demo=None):
     if given.get('demo') and demo:
         given = {**demo, **given}
     args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-    if hasattr(args, 'data') and not args.data:
+    if hasattr(args, 'data') and not args.data and not getattr(args, 'eval_only', False):
         parser.error('no data: give --data PATH (an image folder, or "synthetic"), or --demo for a quick CPU run')
     return args
 
 
 # Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
 POSITIVE = ('batch_size', 'global_batch', 'epochs', 'input_size', 'log_every', 'save_every', 'keep_every',
-            'max_bad_steps', 'blr', 'lr', 'std')
+            'max_bad_steps', 'blr', 'lr', 'std', 'eval_max', 'eval_k', 'eval_t')
 NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps')
 BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
 
@@ -688,12 +688,14 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def load_weights(model, path):
-    """--init: start from weights (our checkpoint or a reference release). Keys as the reference names them;
-    'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out."""
+def load_weights(model, path, convert=None):
+    """--init: start from weights (our checkpoint, an encoder.pth, or a reference release). Keys as the reference names
+    them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, `convert`
+    maps a method's own export layout; tensors whose shape differs (e.g. pos tables of another size) are left out."""
     ckpt = load_checkpoint(path)
     sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt.get('module', ckpt)).items()}
-    own = model.state_dict()
+    own, sd = model.state_dict(), convert(sd) if convert else sd
+    sd = {f'encoder.{k}' if k not in own and f'encoder.{k}' in own else k: v for k, v in sd.items()}
     shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     res = model.load_state_dict({k: v for k, v in sd.items() if k not in shape_mismatch}, strict=False)
     loaded = len(sd) - len(shape_mismatch) - len(res.unexpected_keys)
@@ -847,3 +849,125 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
         d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
     d.text((W // 2 - 30, 4), f'training {key}', fill='black', font=FONT)
     img.save(path)
+
+
+
+
+
+# --------------------------------------------------------------------------- evaluation: online k-NN, linear probe
+
+
+class Evaluation:
+    """--eval_data: labelled items (`folder(root)`, `synthetic(n, seed)`; default images: the largest centred crop at
+    the training size, no flip) that each call embeds with the method's `features(model, x) -> (B, D)`, up to
+    --eval_max of train and of val, shared over the ranks (eval mode, no gradient, the run's autocast, the RNG left as
+    it was); rank 0 logs DINO's k-NN top-1 and, when `final`, a linear probe's."""
+
+    def __init__(self, args, features, folder=None, synthetic=None):
+        self.args, self.features, self.sets, (H, W), data = args, features, [], pair(args.input_size), args.eval_data
+        C = getattr(args, 'in_chans', 3)
+        if args.eval_only and not (args.init and data):
+            raise SystemExit('--eval_only needs --init PATH (a checkpoint or encoder.pth) and --eval_data DIR')
+        folder = folder or (lambda r: ImageFiles(r, (H, W), (1, 1), (W / H,) * 2, flip=False, in_chans=C))
+        if not data:
+            return
+        if data.startswith('synthetic'):  # another seed than the training images'
+            n = int(data.split(':')[1]) if ':' in data else 1000
+            sets = [(synthetic or (lambda n, s: SyntheticImages(n, (H, W), C, s)))(n, args.seed + 1)]
+        elif not Path(data).is_dir():
+            raise SystemExit(f'--eval_data {data}: no such folder (give one with class subfolders, or synthetic:N)')
+        else:  # its train/ and val/, else the folder (or its train/ alone)
+            try:
+                both = all((Path(data) / s).is_dir() for s in ('train', 'val'))
+                sets = [folder(Path(data) / s) for s in ('train', 'val')] if both else [folder(data)]
+                [check_readable(ds, '--eval_data') for ds in sets]
+            except SystemExit as e:
+                raise SystemExit(f'--eval_data {data}: {e.code}') from None
+            if min(len(set(ds.labels)) for ds in sets) < 2:
+                raise SystemExit(f'--eval_data {data}: no class subfolders (a label is the first subfolder\'s name)')
+        seen = collections.Counter()  # one set: each class's every 5th file in name order (synthetic: item) is val
+        val = [seen.update([y]) or seen[y] % 5 == 0 for y in getattr(sets[0], 'labels', [0] * len(sets[0]))]
+        sets = [(ds, range(len(ds))) for ds in sets] if len(sets) == 2 else [
+            (sets[0], [i for i, v in enumerate(val) if v == w]) for w in (False, True)]
+        if min(len(i) for _, i in sets) == 0:
+            raise SystemExit(f'--eval_data {data}: an empty split: give val/, or 5 or more files per class')
+        self.sets = [(ds, list(i)[::-(-len(i) // args.eval_max)]) for ds, i in sets]  # evenly spread
+
+    @torch.no_grad()
+    def __call__(self, model, step, final=False):
+        if not self.sets:
+            return None
+        a, t0, dev, was, state = self.args, time.perf_counter(), next(model.parameters()).device, model.training, \
+            random.getstate()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), amp_setup(a.amp, dev)[0]:
+            model.eval()
+            (xt, yt), (xv, yv) = (self.embed(model, ds, idx, rank, world, dev) for ds, idx in self.sets)
+        model.train(was)
+        random.setstate(state)
+        if rank:
+            return None
+        rec = {'step': step, 'knn_top1': knn_top1(xt, yt, xv, yv, a.eval_k, a.eval_t)}
+        rec.update({'linprobe_top1': linear_probe(xt, yt, xv, yv)} if final else {}, eval_s=time.perf_counter() - t0)
+        print(f'eval step {step}: ' + ''.join(f'{k} {rec[k]:.2f}% ' for k in rec if k.endswith('top1')) + f'({len(yt)} '
+              f'train, {len(yv)} val, k {a.eval_k}, T {a.eval_t}) in {rec["eval_s"]:.1f}s', flush=True)
+        if not a.eval_only:  # beside the training records, and a plot
+            with open(Path(a.output_dir) / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+            save_loss_curve(Path(a.output_dir) / 'knn.png', Path(a.output_dir) / 'log.jsonl', 'knn_top1')
+        return rec
+
+    def embed(self, model, ds, idx, rank, world, dev):
+        """Each rank embeds its slice of `idx`; every rank gets all features (n, D) and labels (n,) in `idx`'s order."""
+        a, per, out = self.args, -(-len(idx) // world), []
+        for x, y, _ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx[rank * per:(rank + 1) * per]),
+                                                   a.batch_size, num_workers=a.num_workers,
+                                                   worker_init_fn=ignore_signals, generator=torch.Generator()):
+            out.append((self.features(model, normalize(x.to(dev, non_blocking=True), a.mean, a.std)).float().cpu(), y))
+        parts = [out]
+        if world > 1:
+            dist.all_gather_object(parts := [None] * world, out)
+        return tuple(torch.cat(t).to(dev) for t in zip(*sum(parts, [])))
+
+    def only(self, model, convert=None):
+        """--eval_only: the numbers of --init's weights (a checkpoint, or an encoder.pth that `convert` maps)."""
+        d = init_distributed()
+        load_weights(model, self.args.init, convert)
+        rec = self(model.to(d.device), 0, final=True)
+        if d.world > 1:
+            dist.destroy_process_group()
+        return rec
+
+
+def knn_top1(train, train_labels, val, val_labels, k=20, T=0.07):
+    """DINO's weighted k-NN (ref eval_knn.py): on cosine similarity of the features, the k nearest train items vote
+    for their class with weight exp(sim / T). Top-1 accuracy on val, in %."""
+    train, val = F.normalize(train, dim=1), F.normalize(val, dim=1)
+    votes = torch.zeros(len(val), int(max(train_labels.max(), val_labels.max())) + 1, device=val.device)
+    for i in range(0, len(val), 1024):  # (1024, n_train) similarities at a time
+        sim, nn_idx = (val[i:i + 1024] @ train.T).topk(min(k, len(train)), dim=1)  # (b, k)
+        votes[i:i + 1024].scatter_add_(1, train_labels[nn_idx], (sim / T).exp())
+    return 100.0 * (votes.argmax(1) == val_labels).float().mean().item()
+
+
+@torch.enable_grad()
+def linear_probe(train, train_labels, val, val_labels, wds=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), steps=1000):
+    """CLIP's linear probe (Radford et al. 2021, Sec. 3.2, A.3): multinomial logistic regression on the standardised
+    features by L-BFGS, the L2 strength chosen from a log-spaced sweep on a held-out fifth of train, then refitted on
+    all of train. Top-1 accuracy on val, in %."""
+    mean, std, C = train.mean(0), train.std(0) + 1e-6, int(max(train_labels.max(), val_labels.max())) + 1
+    train, val, held = (train - mean) / std, (val - mean) / std, torch.arange(len(train), device=train.device) % 5 == 4
+
+    def fit(x, y, wd):  # -> predict(z)
+        w = torch.zeros(x.shape[1] + 1, C, device=x.device, requires_grad=True)  # (D + 1, C): weights, bias
+        opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn='strong_wolfe')
+
+        def closure():
+            opt.zero_grad()
+            (loss := F.cross_entropy(x @ w[:-1] + w[-1], y) + wd * w[:-1].square().sum()).backward()
+            return loss
+        opt.step(closure)
+        return lambda z: (z @ w[:-1] + w[-1]).argmax(1)
+    score = {wd: (fit(train[~held], train_labels[~held], wd)(train[held]) == train_labels[held]).sum() for wd in wds}
+    best = max(wds, key=lambda wd: (score[wd], wd))  # ties: the stronger regularisation
+    return 100.0 * (fit(train, train_labels, best)(val) == val_labels).float().mean().item()

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, accumulation, amp_setup, check_args,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, accumulation, amp_setup, check_args,
                     check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
                     param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
                     setup_run, sincos_2d, unpatchify, unwrap)
@@ -81,6 +81,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 100  # ref main_pretrain.py: checkpoint-<epoch>.pth every 100 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (unit px, D, depths, heads, decoder D, decoder depth, decoder heads). depths[0], depths[1] count PAIRS of
@@ -94,7 +99,8 @@ MODELS = {
 }
 STEM_MLP_RATIO, INNER = 3.0, 4  # ref: MLP ratio 3 in the stem; a unit is 4 x 4 stem tokens
 DEMO = dict(data='synthetic:2048', model='micro', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
-            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_hivit_demo', log_every=8, keep_every=3)
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_hivit_demo', log_every=8, keep_every=3,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 4.1: MAE on units)
 
@@ -223,6 +229,15 @@ class HiViTMAE(nn.Module):
         return forward_loss(imgs, pred, mask, self.patch), {'pred': pred, 'mask': mask}
 
 
+def features(model, imgs):
+    """The main stage's tokens averaged, all units seen, before the hifeat norm (not part of encoder.pth): what the
+    fine-tuning model pools before its new fc_norm (ref models_hivit.py)."""
+    x = model.forward_stem(model.patch_embed(imgs))[1] + model.absolute_pos_embed  # (B, N, D)
+    for blk in model.blocks[-model.num_main_blocks:]:
+        x = blk(x)
+    return x.mean(1)  # (B, D)
+
+
 def encoder_state_dict(model):
     """What the reference fine-tuning code (main_finetune.py, hivit_base) loads with strict=False: patch_embed.*,
     absolute_pos_embed, blocks.*. Its relative_position_bias_table per main block, fc_norm and head are new there
@@ -280,6 +295,9 @@ def main(args):
         raise SystemExit(f'--input_size {H} {W} is not divisible by the unit size {patch} of --model {args.model}')
     N = (H // patch) * (W // patch)
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'units')  # as unit_masking rounds
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(HiViTMAE((H, W), patch, dim, depths, heads, dec_dim, dec_depth, dec_heads, args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's effective batch
@@ -322,7 +340,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

@@ -43,10 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (Block, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio, check_readable,
-                    cosine_lr, finish, make_loader, normalize, optimizer_step, pair, parse_args, patchify, resume,
-                    save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d, unpatchify,
-                    unwrap)
+from common import (Block, Evaluation, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
+                    check_readable, cosine_lr, finish, make_loader, normalize, optimizer_step, pair, parse_args,
+                    patchify, resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d,
+                    unpatchify, unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -92,6 +92,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 10  # checkpoint-<epoch>.pth every this many epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref model.py get_transformer_by_config
@@ -100,7 +105,7 @@ MODELS = {'tiny': (8, 128, 4, 4, 128, 2, 4),  # ours, for the demo and tests
           'large': (16, 1024, 24, 16, 512, 8, 16), 'huge': (16, 1280, 32, 16, 512, 8, 16)}
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64,
             epochs=8, warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8,
-            keep_every=4)
+            keep_every=4, eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- text: BERT's uncased WordPiece
 
@@ -305,6 +310,22 @@ def encoder_state_dict(model):
     return {k: v.detach().clone() for k, v in out.items()}
 
 
+def features(model, imgs):
+    """The cls output of the image-only path, nothing hidden: M3AE's linear probe (ref forward_representation)."""
+    x = model.image_embedding(patchify(imgs, model.patch)) + model.enc_image_pos + model.encoder_image_type_embedding
+    x = torch.cat([model.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1+N, D)
+    return model.encoder(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))[:, 0]  # (B, D)
+
+
+def from_encoder(sd, model):
+    """encoder.pth (above) back to this model's names, for --eval_only; the type embedding up to rounding."""
+    if 'pos_embed' not in sd:  # a training checkpoint
+        return sd
+    w, pos = sd['patch_embed.proj.weight'], sd['pos_embed'][:, 1:] - model.enc_image_pos  # (D, C, p, p), (1, N, D)
+    return {**sd, 'image_embedding.weight': w.permute(0, 2, 3, 1).flatten(1), 'encoder_image_type_embedding':
+            pos.mean(1, keepdim=True), 'image_embedding.bias': sd['patch_embed.proj.bias']}
+
+
 def param_groups(model, weight_decay):
     """ref get_weight_decay_mask: no decay when a name component is in the list; LayerNorm scales ARE decayed."""
     skip = {'cls_token', 'image_mask_embedding', 'text_mask_embedding', 'text_embedding', 'bias'} | {
@@ -424,6 +445,10 @@ def main(args):
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as random_masking rounds
     if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:  # all may be hidden
         raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of {L} text positions: give 0 < r <= 1')
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:  # the image path alone: no vocabulary
+        model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, 2, args.in_chans)
+        return evaluate.only(model, lambda sd: from_encoder(sd, model))
     for flag, path in (('--vocab', args.vocab), ('--text_data', args.text_data)):
         if path and not Path(path).is_file():
             raise SystemExit(f'{flag} {path}: no such file')
@@ -489,7 +514,11 @@ def main(args):
             name = f'vis_{step if epoch_done is None else epoch_done}.png'
             visualize(unwrap(model), vis, tokenizer, args, out / name)
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

@@ -35,10 +35,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, PatchEmbed, accumulation, amp_setup,
+                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -75,6 +75,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_mae.py
@@ -85,7 +90,8 @@ MODELS = {
     'huge': (14, 1280, 32, 16, 512, 8, 16),
 }
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
-            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mae_demo', log_every=8, keep_every=3)
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mae_demo', log_every=8, keep_every=3,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3)
 
@@ -175,6 +181,12 @@ class MAE(nn.Module):
         return loss, {'pred': pred, 'mask': mask}
 
 
+def features(model, imgs):
+    """The cls token after the last norm, all patches seen: what MAE's linear probe reads (ref main_linprobe.py)."""
+    B, N = imgs.shape[0], model.patch_embed.num_patches
+    return model.forward_encoder(imgs, 0.0, torch.arange(N, device=imgs.device).expand(B, N) / N)[0][:, 0]  # (B, D)
+
+
 def encoder_state_dict(model):
     """The encoder in timm's VisionTransformer layout (what the MAE fine-tuning code and timm's ViT load)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
@@ -235,6 +247,9 @@ def main(args):
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
     N = (H // patch) * (W // patch)
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as random_masking rounds
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(MAE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
@@ -275,7 +290,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
+                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
                     save_training_state, setup_run, sincos_2d, unwrap)
 
 # --------------------------------------------------------------------------- config
@@ -81,6 +81,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_milan.py (*_dec512d8b)
@@ -93,7 +98,7 @@ MODELS = {
 RANDOM_TEACHER = {'tiny': (128, 2, 512), 'base': (768, 12, 512), 'large': (768, 12, 512)}
 DEMO = dict(data='synthetic:2048', teacher='random', model='tiny', input_size=(64,), batch_size=64, global_batch=64,
             epochs=6, warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_milan_demo', log_every=8,
-            keep_every=3)
+            keep_every=3, eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- teacher: OpenAI CLIP's visual tower
 
@@ -326,6 +331,12 @@ class MILAN(nn.Module):
         return forward_loss(pred, target), {'pred': pred, 'mask': mask}
 
 
+def features(model, imgs):
+    """The cls token after the last norm, all patches seen: MILAN's linear probe (MAE's, ref main_linprobe.py)."""
+    N = model.patch_embed.num_patches
+    return model.forward_encoder(imgs, torch.arange(N, device=imgs.device).expand(len(imgs), N))[:, 0]  # (B, D)
+
+
 def encoder_state_dict(model):
     """The encoder in timm's VisionTransformer layout (what MILAN's fine-tuning code and timm's ViT load)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
@@ -382,6 +393,9 @@ def main(args):
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
     N = (H // patch) * (W // patch)
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as order_to_mask rounds
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:  # the encoder alone: no teacher
+        return evaluate.only(MILAN((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, 512, args.in_chans))
     teacher_path = args.teacher or ('random' if args.data.startswith('synthetic') else None)
     if teacher_path is None:
         raise SystemExit('no teacher: give --teacher ViT-B-16.pt (OpenAI CLIP), or --teacher random (no language)')
@@ -436,7 +450,11 @@ def main(args):
             visualize(unwrap(model), teacher, vis_imgs, args,
                       out / f'vis_{epoch_done if epoch_done is not None else step}.png', random_teacher)
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     # every log line says when the targets come from a random teacher
     logger, saved, stop = Logger(out, d, step, note=' [RANDOM teacher]' if random_teacher else ''), step, None
     model.train()

@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
+                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -76,6 +76,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # checkpoint-<epoch>.pth every 20 epochs and at the last (ref main_pretrain.py)
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (embed dim, depths, heads, windows, decoder D, decoder depth, decoder heads)  ref models_mixmim.py
@@ -87,7 +92,8 @@ MODELS = {
 }
 PATCH, STRIDE = 4, 32  # patch embedding 4 px; three 2x merges: the encoder's output stride (= mask unit) is 32 px
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=32, global_batch=32, epochs=6,
-            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mixmim_demo', log_every=8, keep_every=3)
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mixmim_demo', log_every=8, keep_every=3,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3.1)
 
@@ -277,6 +283,13 @@ class MixMIM(nn.Module):
         return loss, {'pred': rec, 'mask': mask.expand(imgs.shape[0], -1)}
 
 
+def features(model, imgs):
+    """The final stage's tokens after the last norm, averaged; nothing mixed: what the fine-tuning model pools (ref
+    models_mixmim_ft.py)."""
+    n = model.grids[3][0] * model.grids[3][1]
+    return model.forward_encoder(imgs, torch.zeros(1, n, dtype=torch.bool, device=imgs.device)).mean(1)  # (B, 8D)
+
+
 def encoder_state_dict(model):
     """The encoder in the layout of the reference's fine-tuning model (models_mixmim_ft.py; head left out)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
@@ -343,6 +356,10 @@ def main(args):
                              f'{ws} of --model {args.model}')
     n = grids[3][0] * grids[3][1]
     check_mask_ratio(args.mask_ratio, int(n * args.mask_ratio), n, 'units')  # as batch_mask rounds
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(MixMIM((H, W), embed_dim, depths, heads, windows, dec_dim, dec_depth, dec_heads,
+                                    args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
@@ -385,7 +402,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

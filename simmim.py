@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Logger, Mlp, PatchEmbed, RelativePositionBias,
-                    accumulation, amp_setup, check_args, check_mask_ratio, drop_path, finish, image_dataset,
-                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid,
-                    save_loss_curve, save_training_state, setup_run, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Evaluation, Logger, Mlp, PatchEmbed,
+                    RelativePositionBias, accumulation, amp_setup, check_args, check_mask_ratio, drop_path, finish,
+                    image_dataset, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, resume,
+                    save_grid, save_loss_curve, save_training_state, setup_run, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -81,6 +81,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 5  # ref configs SAVE_FREQ: checkpoint-<epoch>.pth every 5 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # ref configs/*.yaml and models/build.py; img/epochs/drop_path are the presets' recipe defaults
@@ -100,7 +105,7 @@ RECIPES = {  # ref configs: swin_base 100ep (cosine) and vit_base 800ep (multist
 }
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), mask_patch_size=16, batch_size=64,
             global_batch=64, epochs=6, warmup_epochs=1, lr_schedule='cosine', blr=4e-3, warmup_lr=1e-5,
-            num_workers=2, output_dir='output_simmim_demo', log_every=8, keep_every=3)
+            num_workers=2, output_dir='output_simmim_demo', log_every=8, keep_every=3, eval_data='synthetic:1000')
 
 
 def resolve(args):
@@ -386,6 +391,13 @@ def no_decay_names(model):
     return {'encoder.mask_token'} if isinstance(model.encoder, SwinForSimMIM) else {'encoder.cls_token'}
 
 
+def features(model, imgs):
+    """The final stage's tokens after the last norm, averaged; nothing masked: what the fine-tuning models pool (ref
+    swin_transformer.py avgpool, vision_transformer.py use_mean_pooling)."""
+    mask = torch.zeros(len(imgs), *model.encoder.patch_embed.grid_size, dtype=torch.bool, device=imgs.device)
+    return model.encoder(imgs, mask).mean((2, 3))  # (B, D)
+
+
 def encoder_state_dict(model):
     """What the reference fine-tuning code loads (utils.load_pretrained strips 'encoder.' and drops the rest)."""
     return {k.removeprefix('encoder.'): v for k, v in model.state_dict().items() if k.startswith('encoder.')}
@@ -429,6 +441,9 @@ def main(args):
                          f'--mask_patch_size {args.mask_patch_size}, itself a multiple of the patch size {patch}')
     n_blocks = (H // args.mask_patch_size) * (W // args.mask_patch_size)
     check_mask_ratio(args.mask_ratio, math.ceil(n_blocks * args.mask_ratio), n_blocks, 'blocks', all_ok=True)
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(build_model(args.model, (H, W), args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
     model = build_model(args.model, (H, W), args.in_chans, args.drop_path).to(d.device)
 
@@ -472,7 +487,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

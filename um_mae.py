@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
+                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -79,6 +79,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # ref models_mae_swin.py / models_mae_pvt.py constructors; dec = (dim, depth, heads). A mask unit is
@@ -96,7 +101,8 @@ MODELS = {
                      mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4)),  # ours, for tests
 }
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
-            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_um_mae_demo', log_every=8, keep_every=3)
+            warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_um_mae_demo', log_every=8, keep_every=3,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3.1-3.2)
 
@@ -381,6 +387,19 @@ class UMMAE(nn.Module):
         return loss, {'pred': pred, 'mask': mask}
 
 
+def features(model, imgs):
+    """The final stage's tokens after the last norm, averaged over the four uniform masks that together show every
+    unit once, without secondary masking: the whole image through the packed encoder (the fine-tuning models pool
+    that stage over the full grid, ref models_swin.py / models_pvt.py)."""
+    B, (uh, uw), ratio, model.vis_mask_ratio, out = len(imgs), model.unit_grid, model.vis_mask_ratio, 0.0, 0.0
+    for k in range(4):  # the k-th unit of every 2x2 block visible
+        mask = torch.ones(B, uh // 2, 2, uw // 2, 2, dtype=torch.bool, device=imgs.device)
+        mask[:, :, k // 2, :, k % 2] = False
+        out = out + model.forward_encoder(imgs, mask.flatten(1), torch.zeros(B, uh * uw, device=imgs.device)).mean(1)
+    model.vis_mask_ratio = ratio
+    return out / 4  # (B, C_last)
+
+
 def encoder_state_dict(model):
     """The encoder as the reference's fine-tuning models (models_swin.Swin / models_pvt.PVT) load it."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token', 'vis_mask'))}
@@ -454,6 +473,9 @@ def main(args):
     if not (0 <= args.vis_mask_ratio < 1 and n_keep >= 1):
         raise SystemExit(f'--vis_mask_ratio {args.vis_mask_ratio} leaves {n_keep} of the {L // 4} visible units: give '
                          f'0 <= ratio < 1 that leaves at least one')
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
@@ -495,7 +517,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

@@ -52,8 +52,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, check_readable, cosine_lr, finish, make_loader, normalize,
+from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Evaluation, Logger, PatchEmbed, accumulation,
+                    amp_setup, check_args, check_mask_ratio, check_readable, cosine_lr, finish, make_loader, normalize,
                     optimizer_step, pair, param_groups, parse_args, patchify, read_or_next, resume, save_grid,
                     save_loss_curve, save_training_state, setup_run, to_mode, unpatchify, unwrap)
 
@@ -96,6 +96,11 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref scripts --save_ckpt_freq 20: checkpoint-<epoch>.pth, and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    eval_data: Optional[str] = None  # labelled videos (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val videos per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref modeling_pretrain.py, --decoder_depth 4
@@ -108,7 +113,7 @@ MODELS = {
 }
 DEMO = dict(data='synthetic:512', model='tiny', input_size=(64,), num_frames=8, batch_size=16, global_batch=16,
             epochs=5, warmup_epochs=1, blr=5e-3, num_workers=2, output_dir='output_videomae_demo', log_every=8,
-            keep_every=5)
+            keep_every=5, eval_data='synthetic:500')
 
 # --------------------------------------------------------------------------- masking (ref masking_generator.py)
 
@@ -208,6 +213,13 @@ class VideoMAE(nn.Module):
         return loss, {'pred': pred, 'mask': mask}
 
 
+def features(model, videos):
+    """All tokens after the encoder's norm, averaged; nothing masked: the clip feature VideoMAE fine-tunes on (ref
+    modeling_finetune.py use_mean_pooling)."""
+    N = model.t_tokens * model.hw
+    return model.forward_encoder(videos, torch.arange(N, device=videos.device).expand(len(videos), N)).mean(1)
+
+
 def encoder_state_dict(model):
     """The encoder without its 'encoder.' prefix: what run_class_finetuning.py loads (it strips the prefix itself
     too, with strict=False; its fixed pos_embed is rebuilt, not loaded)."""
@@ -239,9 +251,10 @@ def forward_loss(videos, pred, ids_mask, p, t, mean, std, norm_pix_loss):
 def clip_indices(n_frames, num_frames, stride, rng):
     """ref VideoMAE._sample_train_indices + _video_TSN_decord_batch_loader (1 segment, no jitter): a random start,
     then every stride-th frame. The index only advances while `offset + stride < n_frames` (1-based offset), so in
-    a short video it stops and repeats the last frame reached (and never steps onto the very last frame)."""
+    a short video it stops and repeats the last frame reached (and never steps onto the very last frame). No rng:
+    the middle start (evaluation)."""
     avg = n_frames - num_frames * stride + 1
-    offset = rng.randrange(avg) + 1 if avg > 0 else 1  # 1-based, as the reference counts
+    offset = (rng.randrange(avg) if rng else avg // 2) + 1 if avg > 0 else 1  # 1-based, as the reference counts
     ids = []
     for _ in range(num_frames):
         ids.append(offset - 1)
@@ -276,7 +289,7 @@ class VideoFolders(torch.utils.data.Dataset):
     randomness is a pure function of (seed, epoch, index). A video with an unreadable frame is replaced by the next
     one and counted. Only folder paths are kept (a frame folder is listed when read): K400 has ~70M frames."""
 
-    def __init__(self, root, num_frames, sampling_rate, size, in_chans=3, seed=0):
+    def __init__(self, root, num_frames, sampling_rate, size, in_chans=3, seed=0, centre=False):
         root = Path(root)
         if not root.is_dir():
             raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
@@ -297,14 +310,14 @@ class VideoFolders(torch.utils.data.Dataset):
         rel = [Path(v).relative_to(root).parts for v in self.files]
         cls_idx = {c: i for i, c in enumerate(sorted({r[0] for r in rel if len(r) > 1}))}
         self.labels = [cls_idx[r[0]] if len(r) > 1 else 0 for r in rel]
-        self.num_frames, self.sampling_rate, self.size, self.in_chans, self.seed, self.warned = (
-            num_frames, sampling_rate, pair(size), in_chans, seed, set())
+        self.num_frames, self.sampling_rate, self.size, self.in_chans, self.seed, self.warned, self.centre = (
+            num_frames, sampling_rate, pair(size), in_chans, seed, set(), centre)
 
     def __len__(self):
         return len(self.files)
 
     def load(self, idx, rng):
-        path = self.files[idx]
+        path, rng = self.files[idx], None if self.centre else rng  # centre: the middle clip, the centred crop
         is_gif = path.lower().endswith('.gif')
         gif = Image.open(path) if is_gif else None
         frames = None if is_gif else sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -320,7 +333,9 @@ class VideoFolders(torch.utils.data.Dataset):
                 img.seek(i)
             W0, H0 = img.size
             if box is None:  # one crop for the whole clip, drawn from the first frame's size (as the reference)
-                box = multiscale_crop_params(W0, H0, (out_h, out_w), rng)
+                s = min(W0 / out_w, H0 / out_h)  # or the largest centred crop
+                box = multiscale_crop_params(W0, H0, (out_h, out_w), rng) if rng else (
+                    (W0 - out_w * s) / 2, (H0 - out_h * s) / 2, out_w * s, out_h * s)
             left, top, w, h = box
             if img.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale while the crop still covers the output
                 img.draft('RGB' if C == 3 else 'L', (math.ceil(W0 * out_w / w), math.ceil(H0 * out_h / h)))
@@ -424,6 +439,12 @@ def main(args):
         raise SystemExit(f'--num_frames {args.num_frames} is not divisible by --tubelet {args.tubelet}')
     hw = (H // patch) * (W // patch)
     check_mask_ratio(args.mask_ratio, int(args.mask_ratio * hw), hw, 'patches of each frame slice')  # as tube_masking
+    evaluate = Evaluation(args, features, lambda root: VideoFolders(  # the middle clip, centred: no augmentation
+        root, args.num_frames, args.sampling_rate, args.input_size, args.in_chans, centre=True),
+        lambda n, seed: SyntheticVideos(n, args.num_frames, args.input_size, args.in_chans, seed))
+    if args.eval_only:
+        return evaluate.only(VideoMAE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, args.num_frames,
+                                      args.tubelet, args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
@@ -469,7 +490,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_clips, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step, unit='clip'), step, None  # log.jsonl's img_per_s counts clips
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
