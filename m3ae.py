@@ -374,10 +374,12 @@ SHAPES, SIZES, PLACES = ('disc', 'square', 'triangle'), ('small', 'big'), ('left
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
-    """One shape on a plain background, captioned from what it shows; no augmentation (the caption names sides)."""
+    """One shape on a plain background, captioned from what it shows; no augmentation (the caption names sides).
+    Labelled by the shape; without a tokenizer (evaluation) an item is the image alone."""
 
     def __init__(self, n, size, text_len, in_chans=3, seed=0):
         self.n, self.size, self.text_len, self.in_chans, self.seed = n, pair(size), text_len, in_chans, seed
+        self.tokenizer = None
 
     def __len__(self):
         return self.n
@@ -400,8 +402,9 @@ class SyntheticPairs(torch.utils.data.Dataset):
                   'triangle': (y - cy < r) & (y - cy > -r + 2 * abs(x - cx))}[shape]  # (H, W)
         img = np.where(inside[..., None], COLOURS[fg], COLOURS[bg]).astype(np.uint8)  # (H, W, 3)
         img = img.mean(-1, keepdims=True).astype(np.uint8) if self.in_chans == 1 else img
-        ids, pad = self.tokenizer.encode(self.caption(idx), self.text_len)
-        return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), ids, pad), 0, -1  # (C, H, W)
+        img = torch.from_numpy(img).permute(2, 0, 1).contiguous()  # (C, H, W)
+        tokens = self.tokenizer.encode(self.caption(idx), self.text_len) if self.tokenizer else None
+        return (img if tokens is None else (img, *tokens)), SHAPES.index(shape), -1
 
 
 # --------------------------------------------------------------------------- pictures
@@ -445,7 +448,7 @@ def main(args):
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as random_masking rounds
     if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:  # all may be hidden
         raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of {L} text positions: give 0 < r <= 1')
-    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    evaluate = Evaluation(args, features, synthetic=lambda n, seed: SyntheticPairs(n, (H, W), L, args.in_chans, seed))
     if args.eval_only:  # the image path alone: no vocabulary
         model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, 2, args.in_chans)
         return evaluate.only(model, lambda sd: from_encoder(sd, model))
