@@ -79,6 +79,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
     eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
     eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
     eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
