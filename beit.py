@@ -459,7 +459,8 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
-    evaluate = Evaluation(args, features)  # --eval_data checked before any work (the demo's tokenizer too)
+    check_args(args, MODELS)  # the shared checks and --eval_data's, before any work (the demo's tokenizer too)
+    evaluate = Evaluation(args, features)
     if args.eval_only:  # the encoder alone: no tokenizer
         grid, (*arch, scale) = check(args), MODELS[args.model]
         return evaluate.only(BEiT(pair(args.input_size), *arch, args.vocab_size, 0.0, scale if args.layer_scale is None

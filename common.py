@@ -256,9 +256,11 @@ def check_args(args, models, positive=(), non_negative=()):
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
             raise SystemExit(f'--{name} {value if not isinstance(value, tuple) else " ".join(map(str, value))}: must be '
                              f'a finite number')
-    data = getattr(args, 'data', None) or ''
-    if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
-        raise SystemExit(f'--data {data}: give synthetic or synthetic:N with N a number of images, e.g. synthetic:2048')
+    for flag in ('data', 'eval_data'):
+        data = getattr(args, flag, None) or ''
+        if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
+            raise SystemExit(f'--{flag} {data}: give synthetic or synthetic:N with N a number of images, e.g. '
+                             f'synthetic:2048')
     if len(getattr(args, 'input_size', (0,))) not in (1, 2):
         raise SystemExit(f'--input_size {" ".join(map(str, args.input_size))}: give one size or two (H W)')
     if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):

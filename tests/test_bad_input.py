@@ -31,9 +31,10 @@ VIDEO = {'videomae'}  # methods whose --data is a folder of videos
 
 
 def quick(method, out, *extra):
-    """The file's --demo configuration (tiny model, small images) with a batch of 4 and no loader workers."""
+    """The file's --demo configuration (tiny model, small images) with a batch of 4, no loader workers and no
+    evaluation (test_eval.py covers it)."""
     return ['--demo', '--data', 'synthetic:64', '--batch_size', 4, '--global_batch', 4, '--num_workers', 0,
-            '--log_every', 1, '--output_dir', out, *EXTRA.get(method, []), *extra]
+            '--log_every', 1, '--eval_data', '', '--output_dir', out, *EXTRA.get(method, []), *extra]
 
 
 EXTRA = {}  # flags a file's demo configuration needs here (BEiT: a small tokenizer file, not the demo's training)
@@ -310,6 +311,27 @@ def test_missing_empty_and_all_unreadable_data(method, tmp_path, restore_signals
     what = 'video' if method in VIDEO else 'image'
     line = stop_line(method, quick(method, tmp_path / 'o3', '--data', data))
     assert line.startswith(f'0 of 3 {what} files could be read; first error: {data}'), line
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_bad_eval_data_stops_at_start(method, tmp_path, restore_signals):
+    """--eval_data missing, empty, without class subfolders or a malformed synthetic:N, and --eval_only without
+    --init: one line before any work (no output folder; BEiT's demo would train its tokenizer first)."""
+    nope, empty, flat = tmp_path / 'nope', tmp_path / 'empty', tmp_path / 'flat'
+    (empty / 'sub').mkdir(parents=True)
+    for i in range(3):  # readable files, but no class subfolders: one label
+        path = flat / f'v{i}' / 'img_00000.png' if method in VIDEO else flat / f'g{i}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (40, 40), (i * 80, 0, 0)).save(path)
+    what = 'videos' if method in VIDEO else 'images'
+    for data, words in [(nope, f'--eval_data {nope}: no such folder'), (empty, f'--eval_data {empty}: no {what}'),
+                        (flat, f'--eval_data {flat}: no class subfolders'),
+                        ('synthetic:x', '--eval_data synthetic:x: give synthetic or synthetic:N')]:
+        line = stop_line(method, quick(method, tmp_path / 'out', '--eval_data', data))
+        assert line.startswith(words), line
+    line = stop_line(method, quick(method, tmp_path / 'out', '--eval_only', '--eval_data', 'synthetic:20'))
+    assert line.startswith('--eval_only needs --init PATH'), line
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('method', METHODS)
