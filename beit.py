@@ -57,7 +57,7 @@ class Args:
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
     output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl (loss, mlm_acc), vis_<epoch>.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref beit_{base,large}_patch16_224_8k_vocab)
-    input_size: tuple = (224,)  # H [W]; ref --input_size; the tokenizer sees 8 px per patch (ref 112)
+    input_size: Optional[tuple[int, ...]] = None  # H [W]; None: the preset's (ref 224, tiny 64); tokenizer: 8 px/patch
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
     min_mask_patches_per_block: int = 16  # ref
     crop_scale: tuple = (0.08, 1.0)  # ref RandomResizedCropAndInterpolationWithTwoPic
@@ -96,6 +96,7 @@ class Args:
 
 # name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
             crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3, num_workers=2,
             output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3)
@@ -379,7 +380,9 @@ def visualize(model, tokenizer, batch, args, path):
     hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)  # green right, red wrong:
     colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
-    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (chance {1 / tokenizer.vocab:.4f})')
+    top = torch.bincount(ids[mask]).max() / mask.sum()  # accuracy of always guessing the commonest masked code
+    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (always the commonest code '
+                          f'{top.item():.3f}, chance {1 / tokenizer.vocab:.4f})')
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training
@@ -422,11 +425,11 @@ def train_tokenizer(args):
             temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
-            logger.add(ex['rec_loss'], bad_files)  # the logged loss is the reconstruction MSE
+            logger.add(ex['rec_loss'], bad_files, {'temp': loss.new_tensor(temp)})  # loss: the reconstruction MSE
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
-            if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
-                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world,
+            if step % args.log_every == 0 or step == total:
+                logger.log_step(step / steps_per_epoch, step, total, args.tok_lr, args.batch_size * d.world,
                                 args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
@@ -444,6 +447,7 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE.get(args.model, 224),))  # the preset's
     tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
     if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
         vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))

@@ -56,7 +56,7 @@ class Args:
     demo: bool = False  # micro HiViT on synthetic images, a couple of minutes on a laptop CPU
     output_dir: str = 'output_hivit'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # micro | tiny | small | base (MODELS below; paper Tab. 1, ref supervised/configs)
-    input_size: tuple = (224,)  # H [W], each divisible by the unit (patch) size; ref get_started.md
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the unit; None: the preset's (ref 224, micro 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref get_started.md --mask_ratio 0.75
     batch_size: int = 256  # per GPU; ref get_started.md (8 GPUs x 256 x accum 2)
@@ -92,6 +92,7 @@ MODELS = {
     'small': (16, 384, (2, 2, 20), 6, 512, 6, 16),  # ref supervised/configs/hivit_small_224.yaml, base decoder
     'base': (16, 512, (2, 2, 20), 8, 512, 6, 16),  # ref mae_hivit_base_dec512d6b
 }
+INPUT_SIZE = {'micro': 64, 'tiny': 224, 'small': 224, 'base': 224}  # px when --input_size is not given
 STEM_MLP_RATIO, INNER = 3.0, 4  # ref: MLP ratio 3 in the stem; a unit is 4 x 4 stem tokens
 DEMO = dict(data='synthetic:2048', model='micro', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_hivit_demo', log_every=8, keep_every=3)
@@ -274,6 +275,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depths, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:

@@ -55,7 +55,7 @@ class Args:
     output_dir: str = 'output_milan'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     teacher: Optional[str] = None  # CLIP ViT-B-16.pt (TorchScript) or a state dict of its keys; 'random': no language
     model: str = 'base'  # tiny | base | large (MODELS below; paper headline ViT-B/16)
-    input_size: tuple = (224,)  # H [W], divisible by the patch; the teacher must have as many tokens
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # the CLIP teacher reads RGB
     mask_ratio: float = 0.75  # ref PRETRAIN.sh --mask_ratio 0.75
     attn_mask: bool = True  # ref PRETRAIN.sh --attn_mask: semantic-aware sampling (off: uniform random, paper ablation)
@@ -89,6 +89,7 @@ MODELS = {
     'base': (16, 768, 12, 12, 512, 8, 16),
     'large': (16, 1024, 24, 16, 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 # random teachers (width, layers, output): CLIP ViT-B/16's tower, or a small one for the tiny preset (ours)
 RANDOM_TEACHER = {'tiny': (128, 2, 512), 'base': (768, 12, 512), 'large': (768, 12, 512)}
 DEMO = dict(data='synthetic:2048', teacher='random', model='tiny', input_size=(64,), batch_size=64, global_batch=64,
@@ -376,6 +377,7 @@ def visualize(model, teacher, imgs, args, path, random_teacher):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:

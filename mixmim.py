@@ -50,7 +50,7 @@ class Args:
     demo: bool = False  # tiny model on synthetic images, a couple of minutes on a laptop CPU
     output_dir: str = 'output_mixmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper Swin-B/W14, L/W14, H)
-    input_size: tuple = (224,)  # H [W], each divisible by 32 (the mask grid); ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 32 (the mask unit); None: the preset's (ref 224)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.5  # paper Sec. 4.1; ref exp/base_600ep/pretrain.sh --mask_ratio 0.5
     norm_pix_loss: bool = True  # ref pretrain.sh --norm_pix_loss
@@ -85,6 +85,7 @@ MODELS = {
     'large': (192, (2, 2, 18, 2), (6, 12, 24, 48), (14, 14, 14, 7), 512, 8, 16),
     'huge': (352, (2, 2, 18, 2), (11, 22, 44, 88), (14, 14, 14, 7), 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 PATCH, STRIDE = 4, 32  # patch embedding 4 px; three 2x merges: the encoder's output stride (= mask unit) is 32 px
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=32, global_batch=32, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mixmim_demo', log_every=8, keep_every=3)
@@ -304,8 +305,9 @@ def forward_loss(imgs, pred, mask, norm_pix_loss):
 
 @torch.no_grad()
 def visualize(model, imgs, args, path):
-    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask.
-    A norm-pix reconstruction is shown with the true patch mean/std, and the picture says so."""
+    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask; A and B
+    are dimmed where the mixed input hides them. A norm-pix reconstruction is shown with the true patch mean/std,
+    and the picture says so."""
     was_training = model.training
     model.eval()
     (gh, gw), B, C = model.grids[3], imgs.shape[0], imgs.shape[1]
@@ -321,7 +323,10 @@ def visualize(model, imgs, args, path):
     mixed = torch.where(mask[..., None], target.flip(0), target)  # (B, n, P): what the encoder sees, in pixels
     mean, std = torch.tensor(args.mean, device=imgs.device), torch.tensor(args.std, device=imgs.device)
     to_img = lambda t: unpatchify(t, STRIDE, gh, gw, C) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # noqa: E731
-    save_grid(path, [('image A', to_img(target)), (f'image B\n(A of row {B}-1-i)', to_img(target.flip(0))),
+    up = lambda m: m.view(1, 1, gh, gw).repeat_interleave(STRIDE, 2).repeat_interleave(STRIDE, 3)  # noqa: E731
+    dim = lambda t, m: torch.where(up(m), 0.35 * to_img(t), to_img(t))  # noqa: E731  (hidden units dimmed)
+    save_grid(path, [('image A\n(dim: hidden)', dim(target, mask)),
+                     (f'image B (A of row\n{B}-1-i; dim: hidden)', dim(target.flip(0), ~mask)),
                      ('mixed input', to_img(mixed)), ('reconstruction\nof A *', to_img(rec)),
                      ('reconstruction\nof B *', to_img(rec.flip(0)))], note)
     model.train(was_training)
@@ -332,6 +337,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     embed_dim, depths, heads, windows, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % STRIDE or W % STRIDE:

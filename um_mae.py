@@ -12,8 +12,9 @@ the 75% uniformly masked units.
 
 Deviations from the reference:
 - Each visible token gets the decoder position of its own unit. The reference adds `P[~mask]` (full-grid raster
-  order) to tokens that leave PixelShuffle in compact (block) order, so most visible tokens get a neighbour's
-  position (sheet gotcha 6); masked tokens and targets are the same as the reference's.
+  order) to tokens that leave PixelShuffle in block order, so about 3 in 4 visible tokens get the position of a
+  neighbour in the same row of blocks; masked tokens and targets are the same. `--ref_decoder_order` computes the
+  reference's order exactly: use it to continue the released checkpoints, whose decoders learnt that order.
 - Uniform masks are drawn on the device each step from the reference's balanced pool (each in-block position
   len(pool)/4 times, shuffled, the first blocks taken: the same distribution), not by numpy in the data workers.
 - The effective batch is `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile); `accum_iter` is derived.
@@ -39,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+                    check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -52,10 +53,11 @@ class Args:
     demo: bool = False  # tiny Swin on synthetic images, a couple of minutes on a laptop CPU
     output_dir: str = 'output_um_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'swin_tiny'  # swin_tiny | swin_large | pvt_small | tiny | pvt_tiny (MODELS below)
-    input_size: tuple = (256,)  # H [W], multiples of 2 units; ref Makefile --input_size 256
+    input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 2 units; None: the preset's (ref 256, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref --mask_ratio 0.75 --mask_regular: the only ratio uniform sampling has
     vis_mask_ratio: float = 0.25  # ref Makefile --vis_mask_ratio: share of the visible units secondary-masked
+    ref_decoder_order: bool = False  # the reference's decoder positions (raster order on block-ordered tokens)
     norm_pix_loss: bool = True  # ref Makefile --norm_pix_loss
     batch_size: int = 128  # per GPU; ref Makefile
     global_batch: int = 4096  # ref Makefile: 8 GPUs x 128 x accum 4; accum = global_batch / (batch_size x GPUs)
@@ -85,15 +87,15 @@ class Args:
 # patch x 2^(stages-2) px (16 for patch 4); Swin dims double per stage.
 MODELS = {
     'swin_tiny': dict(kind='swin', patch=4, dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), heads=(3, 6, 12, 24),
-                      window=8, posmlp=32, dec=(512, 2, 16)),  # mae_swin_tiny_256_dec512d2b
+                      window=8, posmlp=32, dec=(512, 2, 16), img=256),  # mae_swin_tiny_256_dec512d2b
     'swin_large': dict(kind='swin', patch=4, dims=(192, 384, 768, 1536), depths=(2, 2, 18, 2),
-                       heads=(6, 12, 24, 48), window=8, posmlp=64, dec=(512, 8, 16)),  # ..._dec512d8b64pmd
+                       heads=(6, 12, 24, 48), window=8, posmlp=64, dec=(512, 8, 16), img=256),  # ..._dec512d8b64pmd
     'pvt_small': dict(kind='pvt', patch=4, dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), heads=(1, 2, 5, 8),
-                      mlp=(8, 8, 4, 4), sr=(4, 2, 1, 1), dec=(512, 2, 16)),  # mae_pvt_small_256_dec512d2b
+                      mlp=(8, 8, 4, 4), sr=(4, 2, 1, 1), dec=(512, 2, 16), img=256),  # mae_pvt_small_256_dec512d2b
     'tiny': dict(kind='swin', patch=2, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), heads=(1, 2, 4, 8),
-                 window=4, posmlp=16, dec=(64, 1, 4)),  # ours, for the demo and tests: 8-px units
+                 window=4, posmlp=16, dec=(64, 1, 4), img=64),  # ours, for the demo and tests: 8-px units
     'pvt_tiny': dict(kind='pvt', patch=2, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 2, 4, 8),
-                     mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4)),  # ours, for tests
+                     mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4), img=64),  # ours, for tests
 }
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_um_mae_demo', log_every=8, keep_every=3)
@@ -273,9 +275,10 @@ class PVTBlock(nn.Module):
 class UMMAE(nn.Module):
     """MaskedAutoencoderSwin / MaskedAutoencoderPVT with the reference's parameter names (flat `blocks`)."""
 
-    def __init__(self, cfg, img_size, in_chans=3, vis_mask_ratio=0.25, norm_pix_loss=True):
+    def __init__(self, cfg, img_size, in_chans=3, vis_mask_ratio=0.25, norm_pix_loss=True, ref_decoder_order=False):
         super().__init__()
         self.kind, self.vis_mask_ratio, self.norm_pix_loss = cfg['kind'], vis_mask_ratio, norm_pix_loss
+        self.ref_decoder_order = ref_decoder_order
         dims, p = cfg['dims'], cfg['patch']
         self.K = 2 ** (len(dims) - 2)  # tokens per unit side (4): packed stride 2p 2^(S-1), then PixelShuffle(2)
         self.unit = p * self.K  # 16 px
@@ -364,10 +367,10 @@ class UMMAE(nn.Module):
         x = self.decoder_embed(latent)  # (B, L/16, 4 Dd) on the packed grid (stride 2 units)
         x = self.decoder_expand(x.transpose(1, 2).reshape(B, -1, uh // 4, uw // 4))  # (B, Dd, uh/2, uw/2)
         x = x.flatten(2).transpose(1, 2)  # (B, nb, Dd): one token per visible unit, block raster order
-        P = self.decoder_pos_embed.expand(B, -1, -1)  # (B, L, Dd)
-        pos_vis = P.gather(1, self.visible_units(mask)[..., None].expand(-1, -1, P.shape[2]))  # its own unit's
-        ids = unit_order(mask)[:, mask.shape[1] // 4:, None].expand(-1, -1, P.shape[2])  # masked, raster order
-        pos_mask = P.gather(1, ids)  # (B, n_mask, Dd): the same order as the targets
+        P, order = self.decoder_pos_embed.expand(B, -1, -1), unit_order(mask)  # (B, L, Dd), (B, L)
+        vis = order[:, :x.shape[1]] if self.ref_decoder_order else self.visible_units(mask)  # raster, or own unit's
+        pos_vis = P.gather(1, vis[..., None].expand(-1, -1, P.shape[2]))  # (B, nb, Dd)
+        pos_mask = P.gather(1, order[:, x.shape[1]:, None].expand(-1, -1, P.shape[2]))  # masked units, raster order
         x = torch.cat([x + pos_vis, self.mask_token + pos_mask], dim=1)  # (B, L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -438,6 +441,7 @@ def visualize(model, imgs, args, path):
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
     cfg = MODELS[args.model]
+    args = dataclasses.replace(args, input_size=args.input_size or (cfg['img'],))  # the preset's size
     H, W = pair(args.input_size)
     unit, S = cfg['patch'] * 2 ** (len(cfg['dims']) - 2), len(cfg['dims'])
     res = [(H // cfg['patch'] // 2 ** (i + 1), W // cfg['patch'] // 2 ** (i + 1)) for i in range(S)]  # compact grids
@@ -467,12 +471,19 @@ def main(args):
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
-    model = UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio, args.norm_pix_loss).to(d.device)
+    model = UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio, args.norm_pix_loss,
+                  args.ref_decoder_order).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # ref add_weight_decay without a skip list: mask tokens are decayed
     autocast, scaler = amp_setup(args.amp, d.device)
 
+    init = load_checkpoint(args.init) if args.init and not args.resume and not (out / 'checkpoint.pth').exists() else 0
+    if d.main and isinstance(init, dict) and 'decoder_pred.weight' in init.get('model', init):  # a trained decoder
+        trained = init['args'].get('ref_decoder_order') if init.get('method') == 'um_mae.py' else True  # ref: its own
+        was, now = ('reference' if flag else 'own-unit' for flag in (trained, args.ref_decoder_order))
+        print(f'--init {args.init}: its decoder learnt the {was} position order; this run uses the {now} order'
+              + ('' if was == now else f' ({"add" if trained else "drop"} --ref_decoder_order to keep it)'))
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant buffers (window masks, coordinates): no per-step broadcast

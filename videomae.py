@@ -66,7 +66,7 @@ class Args:
     demo: bool = False  # tiny model on synthetic videos, a minute or two on a laptop CPU
     output_dir: str = 'output_videomae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | small | base | large | huge (MODELS below); ref scripts: ViT-B
-    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     num_frames: int = 16  # frames per clip; ref scripts --num_frames 16
     sampling_rate: int = 4  # temporal stride; ref K400 scripts 4, SSv2 scripts 2
@@ -106,6 +106,7 @@ MODELS = {
     'large': (16, 1024, 24, 16, 512, 4, 8),
     'huge': (16, 1280, 32, 16, 640, 4, 8),
 }
+INPUT_SIZE = {'tiny': 64, 'small': 224, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:512', model='tiny', input_size=(64,), num_frames=8, batch_size=16, global_batch=16,
             epochs=5, warmup_epochs=1, blr=5e-3, num_workers=2, output_dir='output_videomae_demo', log_every=8,
             keep_every=5)
@@ -416,6 +417,7 @@ def visualize(model, videos, args, path, n_frames=4):
 
 def main(args):
     check_args(args, MODELS, positive=('num_frames', 'sampling_rate', 'tubelet'))  # one line and exit, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
