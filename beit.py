@@ -7,11 +7,12 @@ each masked patch. `encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com
 once), read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
     python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
-    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
+    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, its README's IN-1k
     python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
 Deviations from the reference:
-- `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
+- `--global_batch` (2048, the reference README's 16 GPUs x 128) derives the accumulation (reference: none); the
+  lr is absolute.
 - bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16, its
   last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
 - ColorJitter acts on the two resized views (same factors and order), not on the full image before the crop, so
@@ -61,19 +62,19 @@ class Args:
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
     min_mask_patches_per_block: int = 16  # ref
     crop_scale: tuple = (0.08, 1.0)  # ref RandomResizedCropAndInterpolationWithTwoPic
-    drop_path: float = 0.1  # README
-    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; README); 0 = no layer scale
+    drop_path: float = 0.1  # ref README
+    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; ref README); 0 = none
     abs_pos_emb: bool = False  # ref --abs_pos_emb (the pt1k_800ep release: with --layer_scale 0; rel table left 0)
-    batch_size: int = 128  # per GPU; README
-    global_batch: int = 2048  # README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
-    epochs: int = 800  # README IN-1k
-    warmup_epochs: int = 10  # README
-    lr: float = 1.5e-3  # README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
+    batch_size: int = 128  # per GPU; ref README
+    global_batch: int = 2048  # ref README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
+    epochs: int = 800  # ref README IN-1k
+    warmup_epochs: int = 10  # ref README
+    lr: float = 1.5e-3  # ref README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
     min_lr: float = 1e-5  # ref argparse
     weight_decay: float = 0.05  # ref
     betas: tuple = (0.9, 0.999)  # ref argparse
-    clip_grad: float = 3.0  # README
-    mean: tuple = IMAGENET_MEAN  # README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
+    clip_grad: float = 3.0  # ref README
+    mean: tuple = IMAGENET_MEAN  # ref README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
     std: tuple = IMAGENET_STD  # as mean
     num_workers: int = 10  # ref
     seed: int = 0  # data and masks use (seed, epoch, index)
@@ -94,7 +95,7 @@ class Args:
     kl_weight: float = 0.05  # own tokenizer: weight of KL(q || uniform) (keeps more codes in use); ours
 
 
-# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
+# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py and README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
 INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,

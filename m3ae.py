@@ -166,13 +166,13 @@ def read_lines(path, flag):
     if not Path(path).is_file():
         raise SystemExit(f'{flag} {path}: no such file')
     data = Path(path).read_bytes()
-    bom = 3 if data.startswith(b'\xef\xbb\xbf') else 0
     try:
-        lines = data[bom:].decode('utf-8').replace('\r\n', '\n').replace('\r', '\n').split('\n')
+        text = data.decode('utf-8-sig').replace('\r\n', '\n').replace('\r', '\n')
     except UnicodeDecodeError as e:
-        raise SystemExit(f'{flag} {path}: not UTF-8 text (byte {bom + e.start} is 0x{data[bom + e.start]:02x}); '
-                         f'convert it first, e.g. iconv -f latin1 -t utf-8') from None
-    return lines[:-1] if lines[-1] == '' else lines
+        at = e.start + 3 * data.startswith(b'\xef\xbb\xbf')  # offsets count from after a BOM
+        raise SystemExit(f'{flag} {path}: not UTF-8 text (byte {at} is 0x{data[at]:02x}); convert it first, e.g. '
+                         f'iconv -f latin1 -t utf-8') from None
+    return text.removesuffix('\n').split('\n') if text else []
 
 
 def check_vocab(tokens, path):
@@ -374,26 +374,26 @@ class Stub:
 
 FLAX_LIBRARIES = {'m3ae', 'flax', 'jax', 'jaxlib', 'optax', 'chex', 'numpy', 'ml_dtypes', 'ml_collections', 'absl',
                   'cloudpickle', 'collections', 'copyreg', 'functools', 'builtins', 'types', 'typing', 'dataclasses',
-                  'enum', 'abc', 'operator', '_operator'}  # what such a pickle is made of; all but numpy as Stubs
-NUMPY = {'_frombuffer': lambda buf, dtype, shape, order: np.frombuffer(buf, dtype).reshape(shape, order=order),
-         '_reconstruct': lambda cls, shape, dtype: np.ndarray(shape, dtype), 'dtype': np.dtype,
-         'scalar': lambda dtype, data: np.frombuffer(data, dtype)[0]}  # numpy's array builders, by its pickles' names
-FLAX_NAMES = ((r'LayerNorm_1', 'norm2'), (r'(Block_\d+/)LayerNorm_0', r'\1norm1'), (r'LayerNorm_0', 'norm'),
-              (r'Block_(\d+)', r'blocks.\1'), (r'Attention_0/Dense_0', 'attn.qkv'), (r'Attention_0/Dense_1', 'attn.proj'),
-              (r'TransformerMLP_0', 'mlp'), (r'/Dense_0/', '/'), (r'/(kernel|scale|embedding)$', '/weight'), ('/', '.'))
+                  'enum', 'abc', 'operator', '_operator'}  # what such a pickle is made of
+RUNS_CODE = ('eval', 'exec', 'compile', 'open', '__import__', 'breakpoint', 'input')
+FLAX_NAMES = (('LayerNorm_1', 'norm2'), (r'(Block_\d+/)LayerNorm_0', r'\1norm1'), ('LayerNorm_0', 'norm'),
+              (r'Block_(\d+)', r'blocks.\1'), ('Attention_0/Dense_0', 'attn.qkv'), ('Attention_0/Dense_1', 'attn.proj'),
+              ('TransformerMLP_0', 'mlp'), ('/Dense_0/', '/'), ('/(kernel|scale|embedding)$', '/weight'), ('/', '.'))
 
 
 class FlaxUnpickler(pickle.Unpickler):
-    """Rebuilds containers and numpy arrays; other globals become Stubs. A global from outside those libraries
-    (os.system, ...) or one that runs code (eval, ...) stops the load with one line."""
+    """Rebuilds containers, numpy arrays and dtypes (numpy's pickles name _frombuffer and dtype); every other global
+    becomes a Stub, and one from outside those libraries (os.system, ...) or that runs code (eval, ...) is refused."""
 
     def find_class(self, module, name):
         root = module.split('.')[0]
-        if root == 'numpy' and name in NUMPY:
-            return NUMPY[name]
-        if root not in FLAX_LIBRARIES or root == 'builtins' and name in ('eval', 'exec', 'compile', 'open', '__import__'):
-            raise SystemExit(f'--init {self.name}: refused: the pickle names {module}.{name}, which no Flax checkpoint '
-                             f'needs; nothing of it was run')
+        if root == 'numpy' and name == '_frombuffer':
+            return lambda buf, dtype, shape, order: np.frombuffer(buf, dtype).reshape(shape, order=order)
+        if root == 'numpy' and name == 'dtype':
+            return np.dtype
+        if root not in FLAX_LIBRARIES or root == 'builtins' and name in RUNS_CODE:
+            raise pickle.UnpicklingError(f'refused: it names {module}.{name}, which no Flax checkpoint needs; '
+                                         f'nothing of the file was run')
         return Stub
 
 
@@ -416,22 +416,21 @@ def load_flax(model, path):
         if f.read(2) not in (b'\x80\x04', b'\x80\x05'):
             return False
         f.seek(0)
-        unpickler = FlaxUnpickler(f)
         try:
-            ckpt = unpickler.load()
-            flat = flax_arrays(ckpt['state'])
+            ckpt = FlaxUnpickler(f).load()
+            params = {k[14:]: v for k, v in flax_arrays(ckpt['state']).items() if k.startswith('params/params/')}
         except Exception as e:
-            raise SystemExit(f'--init {path}: not a checkpoint of the M3AE reference ({type(e).__name__}: {e})') from None
+            raise SystemExit(f'--init {path}: not a checkpoint of the M3AE reference ({type(e).__name__}: {e})')
     own, sd = model.state_dict(), {}
-    for name, array in flat.items():
-        key = name.removeprefix('params/params/')
+    for name, array in params.items():
+        key = name
         for pattern, new in FLAX_NAMES:
             key = re.sub(pattern, new, key)
         t = torch.tensor(np.asarray(array, dtype=np.float32))
-        sd[key] = t.T if name.endswith('/kernel') else t
+        sd[key] = t.T if name.endswith('kernel') else t  # Dense (in, out) -> Linear (out, in)
     fit = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not fit:
-        raise SystemExit(f'--init {path}: no Flax parameter fits --model (names like {list(sd)[:3]})')
+        raise SystemExit(f'--init {path}: no Flax parameter fits --model {list(sd)[:3]}')
     model.load_state_dict(fit, strict=False)
     print(f'--init {path}: Flax parameters of the reference at step {ckpt.get("step")}: {len(fit)} of {len(own)} '
           f'tensors loaded; kept as initialised: {sorted(set(own) - set(fit))[:6]}')
@@ -448,13 +447,13 @@ class CaptionedImages(ImageFiles):
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
         if root.suffix.lower() == '.tsv' and root.is_file():  # ImageFiles' fields, without walking a folder
-            rows = [line.rstrip('\n').split('\t', 1) for line in open(root, encoding='utf-8') if line.strip()]
-            self.files, self.texts = [root.parent / r[0] for r in rows], [(r + [''])[1] for r in rows]  # in memory
-            self.size, self.scale, self.ratio, self.flip = pair(size), (0.2, 1.0), (3 / 4, 4 / 3), True
-            self.resample = Image.BICUBIC
-            self.labels, self.in_chans, self.seed, self.warned = [0] * len(rows), in_chans, seed, set()
+            rows = [line.split('\t', 1) + [''] for line in read_lines(root, '--data') if line.strip()]
             if not rows:
                 raise SystemExit(f'no images listed in {root}')
+            self.files, self.texts = [root.parent / r[0] for r in rows], [r[1] for r in rows]  # in memory
+            self.size, self.scale, self.ratio, self.flip = pair(size), (0.2, 1.0), (3 / 4, 4 / 3), True
+            self.labels, self.in_chans, self.seed, self.warned = [0] * len(rows), in_chans, seed, set()
+            self.resample = Image.BICUBIC
             return
         super().__init__(root, size, (0.2, 1.0), interpolation='bicubic', in_chans=in_chans, seed=seed)
         self.texts = [f.with_suffix('.txt') if f.with_suffix('.txt').is_file() else '' for f in self.files]
@@ -511,8 +510,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
-    """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under each row its caption,
-    hidden words as [true>predicted]. Targets are dataset-normalised: nothing of a hidden patch is used to show it."""
+    """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under each row its
+    caption, hidden words as [true>predicted]. Targets are dataset-normalised: nothing hidden is used to show them."""
     was_training = model.training
     model.eval()
     imgs, text, pad = batch

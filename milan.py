@@ -15,7 +15,7 @@ CLIP architecture: the method runs, its targets carry no language; every log lin
 
 Deviations from the reference:
 - The teacher is the CLIP visual tower with ln_post + proj on all tokens (clip_demo.py with finetune=False), loaded
-  strictly; the reference's main_pretrain.py passes 'base' as `finetune` and loads non-strictly (sheet gotcha 1).
+  strictly; the reference's main_pretrain.py passes 'base' as `finetune` and loads non-strictly (a silent partial load).
   OpenAI's TorchScript file is read with torch.jit.load (the reference expects a pickled state dict).
 - Only the last block's cls-query attention row is computed explicitly (fp32 softmax); the rest runs through SDPA.
 - The prediction width is the teacher's output width (512 for CLIP ViT-B/16, hard-coded in the reference).
@@ -63,7 +63,7 @@ class Args:
     global_batch: int = 4096  # ref PRETRAIN.sh 256 x accum 2 x 8 GPUs
     epochs: int = 400  # ref PRETRAIN.sh, paper Sec. 4
     warmup_epochs: int = 40  # ref PRETRAIN.sh
-    blr: float = 1.5e-4  # ref PRETRAIN.sh / README (argparse default 1e-3 is not what was run); lr = blr x batch / 256
+    blr: float = 1.5e-4  # ref PRETRAIN.sh, README (argparse default 1e-3 is not what was run); lr = blr x batch / 256
     min_lr: float = 0.0  # ref main_pretrain.py
     weight_decay: float = 0.05  # ref PRETRAIN.sh
     betas: tuple = (0.9, 0.95)  # ref main_pretrain.py

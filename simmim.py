@@ -10,7 +10,7 @@ pixels, and an L1 loss counts only the masked area. Unlike MAE this works for hi
     torchrun --nproc_per_node=8 simmim.py --data imagenet/ --model vit_base   # ViT-B/16 at 224, 800 epochs
 
 Deviations from the reference:
-- The effective batch is `--global_batch` (2048, the README's 16 GPUs x 128); `accum_iter` is derived from it.
+- The effective batch is `--global_batch` (2048, the reference README's 16 GPUs x 128); `accum_iter` is derived from it.
 - bf16 autocast by default on CUDA (reference: apex O1 mixed precision; `--amp fp16` gives fp16 + GradScaler).
 - Masks are drawn on the device each step (reference: numpy in the data workers); same algorithm and counts.
 - The schedule is set from the fractional epoch, i.e. per optimizer step; the reference steps timm's scheduler per

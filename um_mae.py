@@ -164,7 +164,7 @@ def shifted_window_mask(H, W, ws, shift):
 
 class WindowAttention(nn.Module):
     """Window attention whose relative bias is an MLP ('posmlp', 1x1 convs) of sign(d) log(1+|d|), d = pos_j - pos_i
-    the difference of the ORIGINAL token coordinates carried through compaction (ref gotcha 3)."""
+    the difference of the ORIGINAL token coordinates carried through packing (the geometry fine-tuning sees)."""
 
     def __init__(self, dim, num_heads, posmlp_dim):
         super().__init__()
