@@ -400,7 +400,23 @@ def test_tokenizer_stage_lowers_reconstruction_loss(tmp_path, restore_signals):
     assert after < 0.5 * before, (before, after)
     recs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['step'] for r in recs] == [4, 8, 12, 16, 20, 24] and recs[-1]['loss'] < recs[0]['loss']
-    assert recs[-1]['lr'] == pytest.approx(1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * 23 / 24)))  # annealed
+    temps = [1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * s / 24)) for s in range(20, 24)]  # annealed
+    assert recs[-1]['temp'] == pytest.approx(sum(temps) / 4) and recs[-1]['lr'] == 3e-3  # the Adam lr under 'lr'
     tok = beit.load_tokenizer(str(tmp_path / 'tokenizer.pth'))
     assert type(tok) is beit.DVAE and torch.equal(beit.visual_tokens(tok, x), beit.visual_tokens(vae, x))
     assert (tmp_path / 'loss.png').exists()
+
+
+def test_picture_compares_accuracy_with_the_commonest_code(monkeypatch):
+    """The honest baseline beside chance: always guessing the commonest true code among the masked patches."""
+    notes = []
+    monkeypatch.setattr(beit, 'save_grid', lambda path, cols, note='': notes.append(note))
+    torch.manual_seed(0)
+    tok = beit.Encoder(8, 1, 32)  # 8x downsampling: 4x4 tokens of a 32-px view
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    mask = batch()[1]
+    beit.visualize(tiny(), tok, (imgs, imgs, mask), beit.Args(model='tiny'), 'unused.png')
+    ids = beit.visual_tokens(tok, beit.map_pixels(imgs))[mask].tolist()
+    top = max(ids.count(c) for c in set(ids)) / len(ids)
+    assert f'(always the commonest code {top:.3f}, chance {1 / 32:.4f})' in notes[0]
