@@ -11,8 +11,7 @@ once), read by a restricted unpickler: no dall_e code is imported or run, only i
     python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
 Deviations from the reference:
-- `--global_batch` (2048, the reference README's 16 GPUs x 128) derives the accumulation (reference: none); the
-  lr is absolute.
+- `--global_batch` (2048, its README's 16 GPUs x 128) derives the accumulation (reference: none); lr is absolute.
 - bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16, its
   last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
 - ColorJitter acts on the two resized views (same factors and order), not on the full image before the crop, so
@@ -381,9 +380,9 @@ def visualize(model, tokenizer, batch, args, path):
     hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)  # green right, red wrong:
     colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
-    top = torch.bincount(ids[mask]).max() / mask.sum()  # accuracy of always guessing the commonest masked code
-    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (always the commonest code '
-                          f'{top.item():.3f}, chance {1 / tokenizer.vocab:.4f})')
+    top = (torch.bincount(ids[mask]).max() / mask.sum()).item()  # accuracy of always guessing the commonest code
+    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (always the commonest code {top:.3f}, '
+                          f'chance {1 / tokenizer.vocab:.4f})')
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training

@@ -17,15 +17,12 @@ Deviations from the reference:
   reference's order exactly: use it to continue the released checkpoints, whose decoders learnt that order.
 - Uniform masks are drawn on the device each step from the reference's balanced pool (each in-block position
   len(pool)/4 times, shuffled, the first blocks taken: the same distribution), not by numpy in the data workers.
-- The effective batch is `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile); `accum_iter` is derived.
-- bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives). AdamW is torch's fused
-  kernel, so a non-finite step is skipped on the device and counted (reference: sys.exit); `--max_bad_steps` in a
-  row stop the run. An epoch is truncated to a whole number of accumulation cycles.
-- Window attention with the posmlp bias runs through SDPA (same values up to rounding); `log1p` for log(1+|d|).
-- Non-square inputs work (reference: square); `--in_chans 1` predicts one channel (reference: always 3).
-- `checkpoint-<epoch>.pth` counts finished epochs; the reference names them by the 0-based epoch index.
-- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
-  `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
+- `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile) derives `accum_iter`; an epoch is truncated to whole
+  accumulation cycles. bf16 autocast by default on CUDA (reference: fp16 + GradScaler: `--amp fp16`). Fused AdamW
+  skips a non-finite step on the device and counts it (reference: sys.exit); `--max_bad_steps` in a row stop the run.
+- Window attention with the posmlp bias runs through SDPA (same values up to rounding). Non-square inputs work
+  and `--in_chans 1` predicts one channel (reference: square, 3). `checkpoint-<epoch>.pth` counts finished epochs.
+- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it; crop + resize is one PIL call.
 """
 import dataclasses
 import json
@@ -353,24 +350,16 @@ class UMMAE(nn.Module):
                 x, H, W = blk(x, H, W)
         return self.norm(x)  # (B, L/16, C_last): the packed grid at stride 2 units
 
-    def visible_units(self, mask):
-        """The visible unit of each 2x2 block in block raster order (PixelShuffle's order): (B, L/4) unit indices."""
-        B, (uh, uw) = mask.shape[0], self.unit_grid
-        m = mask.view(B, uh // 2, 2, uw // 2, 2).permute(0, 1, 3, 2, 4).reshape(B, -1, 4)  # (B, nb, 4) in-block
-        k = (~m).float().argmax(dim=-1)  # (B, nb): which of the 4 is visible
-        bi, bj = torch.arange(uh // 2, device=mask.device)[:, None], torch.arange(uw // 2, device=mask.device)
-        top_left = (2 * bi * uw + 2 * bj).flatten()  # (nb,) the block's first unit
-        return top_left + (k // 2) * uw + k % 2  # (B, nb)
-
     def forward_decoder(self, latent, mask):
-        B, (uh, uw) = latent.shape[0], self.unit_grid
+        B, (uh, uw), nb = latent.shape[0], self.unit_grid, mask.shape[1] // 4
         x = self.decoder_embed(latent)  # (B, L/16, 4 Dd) on the packed grid (stride 2 units)
         x = self.decoder_expand(x.transpose(1, 2).reshape(B, -1, uh // 4, uw // 4))  # (B, Dd, uh/2, uw/2)
         x = x.flatten(2).transpose(1, 2)  # (B, nb, Dd): one token per visible unit, block raster order
         P, order = self.decoder_pos_embed.expand(B, -1, -1), unit_order(mask)  # (B, L, Dd), (B, L)
-        vis = order[:, :x.shape[1]] if self.ref_decoder_order else self.visible_units(mask)  # raster, or own unit's
-        pos_vis = P.gather(1, vis[..., None].expand(-1, -1, P.shape[2]))  # (B, nb, Dd)
-        pos_mask = P.gather(1, order[:, x.shape[1]:, None].expand(-1, -1, P.shape[2]))  # masked units, raster order
+        blocks = torch.arange(uh * uw, device=mask.device).view(uh // 2, 2, uw // 2, 2).permute(0, 2, 1, 3).flatten()
+        own = blocks[unit_order(mask[:, blocks])[:, :nb]]  # (B, nb): each token's unit, block by block
+        pos_vis = P.gather(1, (order[:, :nb] if self.ref_decoder_order else own)[..., None].expand(-1, -1, P.shape[2]))
+        pos_mask = P.gather(1, order[:, nb:, None].expand(-1, -1, P.shape[2]))  # masked units, raster order
         x = torch.cat([x + pos_vis, self.mask_token + pos_mask], dim=1)  # (B, L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -478,8 +467,9 @@ def main(args):
                                   fused=True)  # ref add_weight_decay without a skip list: mask tokens are decayed
     autocast, scaler = amp_setup(args.amp, d.device)
 
-    init = load_checkpoint(args.init) if args.init and not args.resume and not (out / 'checkpoint.pth').exists() else 0
-    if d.main and isinstance(init, dict) and 'decoder_pred.weight' in init.get('model', init):  # a trained decoder
+    fresh = d.main and args.init and not args.resume and not (out / 'checkpoint.pth').exists()  # not resuming
+    init = load_checkpoint(args.init) if fresh else None
+    if isinstance(init, dict) and 'decoder_pred.weight' in init.get('model', init):  # a trained decoder: which order?
         trained = init['args'].get('ref_decoder_order') if init.get('method') == 'um_mae.py' else True  # ref: its own
         was, now = ('reference' if flag else 'own-unit' for flag in (trained, args.ref_decoder_order))
         print(f'--init {args.init}: its decoder learnt the {was} position order; this run uses the {now} order'
