@@ -89,7 +89,7 @@ class Args:
     amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
-    init: Optional[str] = None  # start from weights: a checkpoint of this file
+    init: Optional[str] = None  # start from weights: a checkpoint of this file or the reference's Flax pickle
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); for benchmarks and tests
     log_every: int = 20  # optimizer steps between log lines (also how often ranks agree on preemption)
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
