@@ -261,7 +261,7 @@ def check_args(args, models, positive=(), non_negative=()):
     data = getattr(args, 'data', None) or ''
     if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
         raise SystemExit(f'--data {data}: give synthetic or synthetic:N with N a number of images, e.g. synthetic:2048')
-    if len(getattr(args, 'input_size', (0,))) not in (1, 2):
+    if len(getattr(args, 'input_size', None) or (0,)) not in (1, 2):  # None: the preset's size
         raise SystemExit(f'--input_size {" ".join(map(str, args.input_size))}: give one size or two (H W)')
     if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):
         raise SystemExit(f'--amp {args.amp} is not one of bf16, fp16, none')
