@@ -125,8 +125,7 @@ def secondary_mask(mask, ratio, noise=None):
 
 
 def unit_order(mask):
-    """(B, L): the visible units' indices in raster order, then the masked units' in raster order (what the
-    reference's boolean indexing gives, without its host sync)."""
+    """(B, L): visible units in raster order, then masked ones (the reference's boolean indexing, without a sync)."""
     return mask.to(torch.uint8).argsort(dim=1, stable=True)
 
 
@@ -169,8 +168,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True),
                                     nn.Conv2d(posmlp_dim, num_heads, 1))
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
 
     def forward(self, x, pos, mask=None):  # x (B, nW, N, C); pos (B, nW, N, 2); mask (nW, N, N) additive or None
         B, nW, N, C = x.shape
@@ -188,8 +186,7 @@ class WindowAttention(nn.Module):
 
 
 class PatchMerge(nn.Module):
-    """LayerNorm then a 2x2 stride-2 conv (not Swin's concat + Linear); the carried coordinates are halved. `norm`
-    None for PVT (a bare conv)."""
+    """LayerNorm (none for PVT) then a 2x2 stride-2 conv, not Swin's concat + Linear."""
 
     def __init__(self, dim_in, dim_out, norm=True):
         super().__init__()
@@ -316,11 +313,8 @@ class UMMAE(nn.Module):
         if self.vis_mask_ratio > 0:
             nn.init.normal_(self.vis_mask_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):  # LayerNorms keep PyTorch's (1, 0), which the reference sets again
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):  # every conv (merges, posmlp, sr) fan-out normal ...
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -407,8 +401,7 @@ def visualize(model, imgs, args, path):
     _, out = model(imgs, mask, noise)
     hidden = secondary_mask(mask, model.vis_mask_ratio, noise)  # (B, L)
     target = patchify(imgs, u)  # (B, L, u*u*C)
-    pred = torch.zeros_like(target)
-    pred[mask] = out['pred'][:, uh * uw // 4:].float().reshape(-1, target.shape[-1])
+    pred = torch.zeros_like(target).masked_scatter(mask[..., None], out['pred'][:, uh * uw // 4:].float())  # at masked
     title, note = 'reconstruction', ''
     if args.norm_pix_loss:
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
