@@ -203,13 +203,12 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim, res, num_heads, ws, shift, posmlp_dim, merge_from=None):
         super().__init__()
-        if min(res) <= ws:
-            ws, shift = min(res), 0
-        self.ws, self.shift = ws, shift
+        self.ws, self.shift = (min(res), 0) if min(res) <= ws else (ws, shift)
         self.downsample = PatchMerge(merge_from, dim) if merge_from else None
         self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, num_heads, posmlp_dim)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
-        self.register_buffer('attn_mask', shifted_window_mask(*res, ws, shift) if shift else None, persistent=False)
+        self.register_buffer('attn_mask', shifted_window_mask(*res, self.ws, self.shift) if self.shift else None,
+                             persistent=False)
 
     def forward(self, x, pos):  # x (B, H*W, C); pos (B, H, W, 2) before the merge
         if self.downsample is not None:
