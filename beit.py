@@ -86,6 +86,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref save_ckpt_freq: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
     vocab_size: int = 8192  # own tokenizer: codebook size (DALL-E: 8192)
     tok_width: int = 128  # own tokenizer: conv width; ours
     tok_epochs: int = 20  # own tokenizer: epochs; ours

@@ -76,6 +76,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # checkpoint-<epoch>.pth every 20 epochs and at the last (ref main_pretrain.py)
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (embed dim, depths, heads, windows, decoder D, decoder depth, decoder heads)  ref models_mixmim.py
