@@ -225,17 +225,17 @@ def load_teacher(path, n_tokens, patch, in_chans):
     except Exception as e:
         raise SystemExit(f'--teacher {path}: TorchScript archive not read ({type(e).__name__}: '
                          f'{" ".join(str(e).split())[:200]})') from None
-    sd = {k[7:]: v.float() for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
-        if isinstance(sd, dict) else {}
-    if 'proj' not in sd or 'conv1.weight' not in sd or 'positional_embedding' not in sd:
+    sd = {k[7:]: v for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
+        if isinstance(sd, dict) else {}  # fp16 or fp32: load_state_dict copies into the fp32 tower
+    if [sd[k].dim() if k in sd else 0 for k in ('proj', 'conv1.weight', 'positional_embedding')] != [2, 4, 2]:
         raise SystemExit(f'--teacher {path}: not a CLIP ViT image tower (no visual.proj/conv1/positional_embedding)')
     width, c, p, _ = sd['conv1.weight'].shape
     layers = sum(k.endswith('attn.in_proj_weight') for k in sd)
     if p != patch or sd['positional_embedding'].shape[0] != n_tokens or c != in_chans:
         raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; the'
                          f' student has patch {patch}, {n_tokens} tokens, {in_chans} channels (--model/--input_size)')
-    teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
-    try:
+    try:  # a tower too big to allocate, or tensors of other shapes (checked before any copy): one line
+        teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
         teacher.load_state_dict(sd)
     except RuntimeError as e:
         raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({" ".join(str(e).split())[:240]})') from None

@@ -294,6 +294,8 @@ def test_crafted_archive_pickles_are_refused_in_one_line(tmp_path):
              (Call(eval, f'open({str(marker)!r}, "w")'), 'refused builtins.eval'),
              ({'visual.proj': tensor('../../x', (1,))}, "KeyError: \"There is no item named 'x/data/../../x'"),
              ({'visual.proj': tensor('0', (1000,))}, 'RuntimeError'),  # 1000 floats from a storage of 1
+             ({'visual.proj': tensor('0', (1,)), 'visual.conv1.weight': tensor('0', (1,)),
+               'visual.positional_embedding': tensor('0', (1,))}, 'not a CLIP ViT image tower'),  # 1-D, not 2-D/4-D
              ({'visual.proj': tensor('0', (1,))}, 'not a CLIP ViT image tower')]  # a well-formed archive, not CLIP
     for i, (obj, words) in enumerate(cases):
         buf = __import__('io').BytesIO()
