@@ -870,7 +870,7 @@ def save_checkpoint(path, obj):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        why = re.sub(r'\s+', ' ', getattr(e, 'strerror', None) or str(e))[:200]
+        why = getattr(e, 'strerror', None) or 'the write stopped short: disk full, quota or a file-size limit?'
         raise SystemExit(f'saving {path} failed ({why}); ' + (f'the previous {path.name} is intact' if path.exists()
                          else 'no earlier copy existed')) from None
 
