@@ -316,7 +316,7 @@ def init_distributed(timeout_min=10):
     device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 and not dist.is_initialized():  # once per process: a second group in one torchrun job can hang
         where = f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
         if rank == 0 and 'TORCHELASTIC_RUN_ID' not in os.environ:  # launched by hand: say what it waits for
             print(f'waiting up to {timeout_min:g} min (--dist_timeout) for the {world} processes to meet at {where}')
@@ -436,16 +436,17 @@ def watchdog(fd, parent):
     """A thread that ends the process when the main thread cannot act, e.g. blocked in a collective whose peer is gone:
     on a second signal 5 s or more after the first (not the copy torchrun forwards of a signal to the whole group),
     or when the torchrun that started the process has died (an orphaned rank would otherwise wait forever)."""
-    first = None
-    while True:
+    first, why = None, None
+    while why is None:
         if select.select([fd], [], [], 5)[0] and STOP_SIGNALS & set(os.read(fd, 512)):  # signal numbers, one a byte
             first = first or time.monotonic()
-            if time.monotonic() - first >= 5:
-                print('second signal: stopping now, without saving', file=sys.stderr, flush=True)
-                os._exit(1)
+            why = 'second signal: stopping now, without saving' if time.monotonic() - first >= 5 else None
         if 'TORCHELASTIC_RUN_ID' in os.environ and os.getppid() != parent:
-            print('torchrun has gone: stopping', file=sys.stderr, flush=True)
-            os._exit(1)
+            why = 'torchrun has gone: stopping'
+    try:
+        print(why, file=sys.stderr, flush=True)  # stderr may be a pipe nobody reads any more
+    finally:
+        os._exit(1)
 
 
 def ignore_signals(worker_id=None):
@@ -872,7 +873,7 @@ def save_checkpoint(path, obj):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        why = re.sub(r'\s+', ' ', getattr(e, 'strerror', None) or str(e))[:200]
+        why = getattr(e, 'strerror', None) or 'the write stopped short: disk full, quota or a file-size limit?'
         raise SystemExit(f'saving {path} failed ({why}); ' + (f'the previous {path.name} is intact' if path.exists()
                          else 'no earlier copy existed')) from None
 

@@ -350,6 +350,8 @@ def main(args):
                              f'{ws} of --model {args.model}')
     n = grids[3][0] * grids[3][1]
     check_mask_ratio(args.mask_ratio, int(n * args.mask_ratio), n, 'units')  # as batch_mask rounds
+    if args.batch_size == 1:  # image i's partner is image B-1-i of the same batch: alone, it would mix with itself
+        raise SystemExit('--batch_size 1: MixMIM mixes each image with another of its per-GPU batch; give 2 or more')
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
