@@ -400,7 +400,8 @@ def train_tokenizer(args, d, loader, sampler):
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
             if step % args.log_every == 0 or step == total:
-                logger.log_step(step / per_epoch, step, total, args.tok_lr, args.batch_size * d.world, args.max_bad_steps)
+                logger.log_step(step / per_epoch, step, total, args.tok_lr, args.batch_size * d.world,
+                                args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
