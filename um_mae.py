@@ -54,7 +54,7 @@ class Args:
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref --mask_ratio 0.75 --mask_regular: the only ratio uniform sampling has
     vis_mask_ratio: float = 0.25  # ref Makefile --vis_mask_ratio: share of the visible units secondary-masked
-    ref_decoder_order: bool = False  # the reference's decoder positions (raster order on block-ordered tokens)
+    ref_decoder_order: bool = False  # decoder positions in the reference's order: to continue its released checkpoints
     norm_pix_loss: bool = True  # ref Makefile --norm_pix_loss
     batch_size: int = 128  # per GPU; ref Makefile
     global_batch: int = 4096  # ref Makefile: 8 GPUs x 128 x accum 4; accum = global_batch / (batch_size x GPUs)
