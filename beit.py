@@ -6,12 +6,12 @@ masked ones replaced by a learned mask token, and predicts the visual token (one
 each masked patch. `encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com/dall-e/encoder.pkl, downloaded
 once), read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
-    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
-    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
+    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT: 67 s of CPU time
+    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, its README's IN-1k
     python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
 Deviations from the reference:
-- `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
+- `--global_batch` (2048, its README's 16 GPUs x 128) derives the accumulation (reference: none); lr is absolute.
 - bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16, its
   last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
 - ColorJitter acts on the two resized views (same factors and order), not on the full image before the crop, so
@@ -24,6 +24,7 @@ Deviations from the reference:
 - The own tokenizer (`--stage tokenizer`) is ours, not the DALL-E tokenizer the paper used; it has no resume.
 """
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -43,9 +44,9 @@ from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, Logger, PatchEmbed,
                     RelativePositionBias, SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish,
-                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params,
-                    resume, save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode,
-                    unwrap)
+                    load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups, parse_args,
+                    random_resized_crop_params, resume, save_checkpoint, save_grid, save_loss_curve,
+                    save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -53,28 +54,28 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, 
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images, a couple of minutes on a CPU
+    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images: 67 s of CPU time
     stage: str = 'pretrain'  # pretrain | tokenizer (train the own dVAE -> output_dir/tokenizer/tokenizer.pth)
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
     output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl (loss, mlm_acc), vis_<epoch>.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref beit_{base,large}_patch16_224_8k_vocab)
-    input_size: tuple = (224,)  # H [W]; ref --input_size; the tokenizer sees 8 px per patch (ref 112)
+    input_size: Optional[tuple[int, ...]] = None  # H [W]; None: the preset's (ref 224, tiny 64); tokenizer: 8 px/patch
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
     min_mask_patches_per_block: int = 16  # ref
     crop_scale: tuple = (0.08, 1.0)  # ref RandomResizedCropAndInterpolationWithTwoPic
-    drop_path: float = 0.1  # README
-    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; README); 0 = no layer scale
+    drop_path: float = 0.1  # ref README
+    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; ref README); 0 = none
     abs_pos_emb: bool = False  # ref --abs_pos_emb (the pt1k_800ep release: with --layer_scale 0; rel table left 0)
-    batch_size: int = 128  # per GPU; README
-    global_batch: int = 2048  # README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
-    epochs: int = 800  # README IN-1k
-    warmup_epochs: int = 10  # README
-    lr: float = 1.5e-3  # README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
+    batch_size: int = 128  # per GPU; ref README
+    global_batch: int = 2048  # ref README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
+    epochs: int = 800  # ref README IN-1k
+    warmup_epochs: int = 10  # ref README
+    lr: float = 1.5e-3  # ref README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
     min_lr: float = 1e-5  # ref argparse
     weight_decay: float = 0.05  # ref
     betas: tuple = (0.9, 0.999)  # ref argparse
-    clip_grad: float = 3.0  # README
-    mean: tuple = IMAGENET_MEAN  # README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
+    clip_grad: float = 3.0  # ref README
+    mean: tuple = IMAGENET_MEAN  # ref README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
     std: tuple = IMAGENET_STD  # as mean
     num_workers: int = 10  # ref
     seed: int = 0  # data and masks use (seed, epoch, index)
@@ -101,8 +102,9 @@ class Args:
     kl_weight: float = 0.05  # own tokenizer: weight of KL(q || uniform) (keeps more codes in use); ours
 
 
-# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
+# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py and README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
             crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3, num_workers=2,
             output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3,
@@ -146,22 +148,19 @@ class TwoViews(ImageFiles):
     uint8 (3, 8gh, 8gw), bool (N,)), label, bad); ImageFiles skips bad files and seeds the item's rng."""
 
     def __init__(self, args, grid):
+        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
+        self.src = None
         if args.data.startswith('synthetic'):
             self.src = SyntheticImages(int((args.data + ':10000').split(':')[1]), args.input_size, 3, args.seed)
-            self.files, self.labels, self.seed = range(len(self.src)), [0] * len(self.src), args.seed
-            self.warned = set()
+            self.files, self.labels, self.seed, self.warned = range(len(self.src)), [0] * self.src.n, args.seed, set()
         else:
             super().__init__(args.data, args.input_size, seed=args.seed)
-            self.src = None
-        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
-        if self.src is None:
             check_readable(self, 'image')  # stops with one line when no file can be read
 
     def load(self, idx, rng):
-        a = self.args
         img = Image.fromarray(self.src[idx][0].permute(1, 2, 0).numpy()) if self.src else Image.open(self.files[idx])
         W0, H0 = img.size
-        top, left, h, w = random_resized_crop_params(W0, H0, a.crop_scale, (3 / 4, 4 / 3), rng)  # timm's 10 tries
+        top, left, h, w = random_resized_crop_params(W0, H0, self.args.crop_scale, (3 / 4, 4 / 3), rng)  # 10 tries
         if img.format == 'JPEG':  # decode at reduced size while the crop still covers the output size
             img.draft('RGB', (math.ceil(W0 * self.size[1] / w), math.ceil(H0 * self.size[0] / h)))
         img = to_mode(img, 3)
@@ -175,7 +174,7 @@ class TwoViews(ImageFiles):
             views = [enhance(v).enhance(factors[k]) for v in views]
         flip = rng.random() < 0.5
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
-        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block)  # ref max per block: None
+        mask = block_mask(rng, self.grid, self.args.num_mask_patches, self.args.min_mask_patches_per_block)  # max: None
         return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
@@ -237,11 +236,10 @@ class DVAE(nn.Module):
 
     def __init__(self, vocab, w):
         super().__init__()
-        conv, convt = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1))
-        self.encoder = nn.Sequential(conv(3, w), nn.ReLU(), conv(w, w), nn.ReLU(), conv(w, w), nn.ReLU(),
-                                     nn.Conv2d(w, vocab, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), nn.ReLU(), convt(w, w), nn.ReLU(), convt(w, w), nn.ReLU(),
-                                     convt(w, 3))
+        down = lambda i, o: [nn.Conv2d(i, o, 4, 2, 1), nn.ReLU()]  # noqa: E731
+        up = lambda i, o: [nn.ReLU(), nn.ConvTranspose2d(i, o, 4, 2, 1)]  # noqa: E731
+        self.encoder = nn.Sequential(*down(3, w), *down(w, w), *down(w, w), nn.Conv2d(w, vocab, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), *up(w, w), *up(w, w), *up(w, 3))
         self.vocab = vocab
 
     @torch.no_grad()
@@ -262,38 +260,32 @@ def visual_tokens(tokenizer, x):  # (B, 3, 8h, 8w) in [0.1, 0.9] -> (B, h*w): ar
     return (tokenizer.encoder if isinstance(tokenizer, DVAE) else tokenizer)(x).argmax(1).flatten(1)
 
 
-class PickledModule(nn.Module):
-    """Stands in for each module class of a pickled dall_e encoder: gets its attributes, so state_dict() works."""
-
-
-PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d',
-           'torch.nn.modules.container.Sequential', 'torch.nn.modules.activation.ReLU',
-           'torch.nn.modules.pooling.MaxPool2d', 'torch.nn.modules.linear.Identity')
+PICKLED = ['dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d'] + [f'torch.nn.modules.{m}'
+           for m in ('container.Sequential', 'activation.ReLU', 'pooling.MaxPool2d', 'linear.Identity')]
 
 
 def load_tokenizer(path):
-    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl: torch's
-    weights_only unpickler, the classes above mapped to PickledModule), our tokenizer.pth, or an Encoder state dict."""
+    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl:
+    torch's weights_only unpickler, each PICKLED class as a bare nn.Module), our tokenizer.pth, or its state dict."""
     if path == 'random':
         return Encoder()
-    if not Path(path).is_file():
-        raise SystemExit(f'--tokenizer {path}: no such file')
+    with torch.serialization.safe_globals([(nn.Module, name) for name in PICKLED]):  # attributes only, no code
+        try:
+            obj = load_checkpoint(path, '--tokenizer')  # weights_only; one line for a missing, cut or foreign file
+        except SystemExit as e:  # decoder.pkl, the other half of the DALL-E dVAE, is named
+            raise SystemExit(f'--tokenizer {path}: the DALL-E decoder; give the encoder, encoder.pkl'
+                             if 'dall_e.decoder.' in str(e.code) else e.code) from None
+    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj) if isinstance(obj, dict) else {}
+    sd = {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
     try:
-        with torch.serialization.safe_globals([(PickledModule, name) for name in PICKLED]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
-                         f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
-    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj)
-    if 'decoder.0.weight' in sd:  # our tokenizer.pth
-        tok = DVAE(sd['decoder.0.weight'].shape[1], sd['decoder.0.weight'].shape[0])
-    elif 'blocks.input.w' in sd:  # the DALL-E encoder
-        (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
-        n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd)
-        tok = Encoder(n_hid, n_blk, vocab, in_chans)
-    else:
-        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})')
-    tok.load_state_dict({k: v.float() for k, v in sd.items()})
+        if 'decoder.0.weight' in sd:  # our tokenizer.pth: (width, vocab, 1, 1)
+            tok = DVAE(*sd['decoder.0.weight'].shape[1::-1])
+        else:  # the DALL-E encoder
+            (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
+            tok = Encoder(n_hid, sum(k.endswith('res_path.conv_1.w') for k in sd) // 4, vocab, in_chans)  # 4 groups
+        tok.load_state_dict(sd)
+    except Exception:  # tensors missing or of other shapes
+        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})') from None
     return tok.requires_grad_(False).eval()
 
 # --------------------------------------------------------------------------- model
@@ -394,61 +386,41 @@ def visualize(model, tokenizer, batch, args, path):
     hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)  # green right, red wrong:
     colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
-    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (chance {1 / tokenizer.vocab:.4f})')
+    top = (torch.bincount(ids[mask]).max() / mask.sum()).item()  # accuracy of always guessing the commonest code
+    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (always the commonest code {top:.3f}, '
+                          f'chance {1 / tokenizer.vocab:.4f})')
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training
 
 
-def check(args):
-    """The shared checks and the method's own, before any work; returns the patch grid."""
-    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
-                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
-    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
-    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
-        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
-                         f'{patch} of --model {args.model}')
-    N = (H // patch) * (W // patch)
-    if args.stage == 'pretrain' and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
-        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
-                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
-    if args.stage == 'pretrain' and args.tokenizer is None and not args.eval_only:
-        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
-    return H // patch, W // patch
-
-
-def train_tokenizer(args):
-    """--stage tokenizer: train the file's own dVAE on the tokenizer view (8 px per patch); writes tokenizer.pth."""
-    grid = check(args)
-    d, out = setup_run(args)
-    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total = min(args.tok_epochs * steps_per_epoch, args.max_steps or math.inf)
+def train_tokenizer(args, d, loader, sampler):
+    """The own dVAE on the tokenizer view (8 px per patch); rank 0 writes output_dir/tokenizer/tokenizer.pth."""
+    (out := Path(args.output_dir) / 'tokenizer').mkdir(exist_ok=True)
+    per_epoch, scaler = len(sampler) // args.batch_size, torch.amp.GradScaler(enabled=False)  # steps per epoch; fp32
+    total = min(args.tok_epochs * per_epoch, args.max_steps or math.inf)
     vae = DVAE(args.vocab_size, args.tok_width).to(d.device)
     optimizer = torch.optim.Adam(params := list(vae.parameters()), lr=args.tok_lr, fused=True)
     fwd = nn.parallel.DistributedDataParallel(vae) if d.world > 1 else vae
-    if d.main:
-        print(f'tokenizer: own dVAE (NOT the DALL-E tokenizer of the paper), vocab {args.vocab_size}, width '
-              f'{args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
-    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp  # fp32
+    logger, step, (t0, t1) = Logger(out, d, 0, note=' [own dVAE, NOT the DALL-E tokenizer]'), 0, args.tok_temp
     while step < total:
-        sampler.set_epoch(step // steps_per_epoch)
+        sampler.set_epoch(step // per_epoch)
         for (_, tok_imgs, _), _, bad_files in itertools.islice(loader, total - step):
             temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
-            logger.add(ex['rec_loss'], bad_files)  # the logged loss is the reconstruction MSE
+            logger.add(ex['rec_loss'], bad_files, {'temp': loss.new_tensor(temp)})  # loss: the reconstruction MSE
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
-            if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
-                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world,
+            if step % args.log_every == 0 or step == total:
+                logger.log_step(step / per_epoch, step, total, args.tok_lr, args.batch_size * d.world,
                                 args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-    if d.world > 1:
+    if d.world > 1 and args.stage == 'tokenizer':  # --stage tokenizer: the run ends here
         dist.destroy_process_group()
-    return vae
+    return vae.requires_grad_(False).eval()
 
 
 def lr_at(step, lr, min_lr, warmup_steps, total_steps):
@@ -459,41 +431,55 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
-    check_args(args, MODELS)  # the shared checks and --eval_data's, before any work (the demo's tokenizer too)
-    evaluate = Evaluation(args, features)
+    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
+                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
+    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
+    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
+        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
+                         f'{patch} of --model {args.model}')
+    grid, N, pretrain = (H // patch, W // patch), (H // patch) * (W // patch), args.stage == 'pretrain'
+    if pretrain and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
+        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
+                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work (the demo's tokenizer too)
     if args.eval_only:  # the encoder alone: no tokenizer
-        grid, (*arch, scale) = check(args), MODELS[args.model]
-        return evaluate.only(BEiT(pair(args.input_size), *arch, args.vocab_size, 0.0, scale if args.layer_scale is None
-                                  else args.layer_scale, args.abs_pos_emb))
-    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
-    if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
-        vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))
-        if args.stage == 'tokenizer':
-            return vae
-    if args.demo and args.tokenizer is None:  # the demo trains its own tokenizer first (once)
-        args = dataclasses.replace(args, tokenizer=str(tok))
-    grid = check(args)
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
-    tokenizer = load_tokenizer(args.tokenizer).to(d.device)  # frozen, not in the optimizer
-    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
-    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
-                 else args.layer_scale, args.abs_pos_emb).to(d.device)
-
-    accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
-    dataset = TwoViews(args, grid)
-    loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
+        *arch, scale = MODELS[args.model]
+        return evaluate.only(BEiT((H, W), *arch, args.vocab_size, 0.0, scale if args.layer_scale is None else
+                                  args.layer_scale, args.abs_pos_emb))
+    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # --stage tokenizer's; the demo trains it once
+    own = not pretrain or args.demo and args.tokenizer is None and not tok.exists()
+    args = dataclasses.replace(args, tokenizer=args.tokenizer or (str(tok) if args.demo else None))
+    if pretrain and args.tokenizer is None:
+        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
+    torch.manual_seed(args.seed)  # a random tokenizer: the same on every rank and restart
+    tokenizer = None if own else load_tokenizer(args.tokenizer)  # frozen, not in the optimizer
+    d, out = setup_run(args if pretrain else dataclasses.replace(args, output_dir=str(tok.parent)))
+    accum = accumulation(args, d) if pretrain else 1  # per-GPU x GPUs x accum = the global batch
+    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
     steps_per_epoch = iters_per_epoch // accum
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    tokenizer = train_tokenizer(args, d, loader, sampler) if own else tokenizer.to(d.device)
+    if not pretrain:
+        return tokenizer
+    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
+    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
+                 else args.layer_scale, args.abs_pos_emb).to(d.device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
                                   lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
+    weights = b''.join(v.float().cpu().numpy().tobytes() for v in tokenizer.state_dict().values())
+    fp = optimizer.param_groups[0]['tokenizer'] = hashlib.sha256(weights).hexdigest()[:16]  # saved with the optimizer
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
+    if optimizer.param_groups[0].setdefault('tokenizer', fp) != fp:  # its targets were another tokenizer's tokens
+        raise SystemExit(f'{"--resume" if args.resume else "resuming"} {args.resume or out / "checkpoint.pth"}: made '
+                         f'with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant index buffer: no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,

@@ -220,8 +220,10 @@ def parse_args(Args, argv=None, demo=None):
             else:
                 parser.add_argument(f'--{f.name}', type=inner, help=h)
     given = vars(parser.parse_args(argv))
-    if given.get('demo') and demo:
-        given = {**demo, **given}
+    if given.get('demo') and demo:  # under torchrun the demo's global batch is split over the processes
+        world, total = int(os.environ.get('WORLD_SIZE', 1)), given.get('global_batch', demo.get('global_batch', 1))
+        split = {'batch_size': max(1, min(demo['batch_size'], total // world))} if 'batch_size' in demo else {}
+        given = {**demo, **split, **given}
     args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     if hasattr(args, 'data') and not args.data and not getattr(args, 'eval_only', False):
         parser.error('no data: give --data PATH (an image folder, or "synthetic"), or --demo for a quick CPU run')
@@ -261,7 +263,7 @@ def check_args(args, models, positive=(), non_negative=()):
         if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
             raise SystemExit(f'--{flag} {data}: give synthetic or synthetic:N with N a number of images, e.g. '
                              f'synthetic:2048')
-    if len(getattr(args, 'input_size', (0,))) not in (1, 2):
+    if len(getattr(args, 'input_size', None) or (0,)) not in (1, 2):  # None: the preset's size
         raise SystemExit(f'--input_size {" ".join(map(str, args.input_size))}: give one size or two (H W)')
     if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):
         raise SystemExit(f'--amp {args.amp} is not one of bf16, fp16, none')
@@ -316,7 +318,7 @@ def init_distributed(timeout_min=10):
     device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 and not dist.is_initialized():  # once per process: a second group in one torchrun job can hang
         where = f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
         if rank == 0 and 'TORCHELASTIC_RUN_ID' not in os.environ:  # launched by hand: say what it waits for
             print(f'waiting up to {timeout_min:g} min (--dist_timeout) for the {world} processes to meet at {where}')
@@ -436,16 +438,17 @@ def watchdog(fd, parent):
     """A thread that ends the process when the main thread cannot act, e.g. blocked in a collective whose peer is gone:
     on a second signal 5 s or more after the first (not the copy torchrun forwards of a signal to the whole group),
     or when the torchrun that started the process has died (an orphaned rank would otherwise wait forever)."""
-    first = None
-    while True:
+    first, why = None, None
+    while why is None:
         if select.select([fd], [], [], 5)[0] and STOP_SIGNALS & set(os.read(fd, 512)):  # signal numbers, one a byte
             first = first or time.monotonic()
-            if time.monotonic() - first >= 5:
-                print('second signal: stopping now, without saving', file=sys.stderr, flush=True)
-                os._exit(1)
+            why = 'second signal: stopping now, without saving' if time.monotonic() - first >= 5 else None
         if 'TORCHELASTIC_RUN_ID' in os.environ and os.getppid() != parent:
-            print('torchrun has gone: stopping', file=sys.stderr, flush=True)
-            os._exit(1)
+            why = 'torchrun has gone: stopping'
+    try:
+        print(why, file=sys.stderr, flush=True)  # stderr may be a pipe nobody reads any more
+    finally:
+        os._exit(1)
 
 
 def ignore_signals(worker_id=None):
@@ -872,7 +875,7 @@ def save_checkpoint(path, obj):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        why = re.sub(r'\s+', ' ', getattr(e, 'strerror', None) or str(e))[:200]
+        why = getattr(e, 'strerror', None) or 'the write stopped short: disk full, quota or a file-size limit?'
         raise SystemExit(f'saving {path} failed ({why}); ' + (f'the previous {path.name} is intact' if path.exists()
                          else 'no earlier copy existed')) from None
 
@@ -1018,23 +1021,27 @@ class Logger:
         return 'preempted' if summed[2].item() > 0 else None
 
 
-def save_grid(path, columns, note='', pad=2, min_width=128):
+def save_grid(path, columns, note='', pad=2, min_width=128, captions=None):
     """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an
-    optional note below. Small images are enlarged (nearest) so the titles fit."""
+    optional note below and optional `captions` (one text per row) under each row. Small images are enlarged
+    (nearest) so the titles fit."""
     titles, ims = zip(*columns)
     s = max(1, math.ceil(min_width / ims[0].shape[-1]))
     ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
     B, _, H, W = ims[0].shape
     tall = lambda text: ImageDraw.Draw(Image.new('1', (1, 1))).multiline_textbbox((0, 0), text, font=FONT)[3]  # noqa
     head, foot = max(tall(t) for t in titles) + 4, tall(note) + 6 if note else 0
-    canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
+    row = H + pad + (max(tall(c) for c in captions) + 4 if captions else 0)  # an image row and its caption
+    canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * row + pad + foot), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, (title, im) in enumerate(zip(titles, ims)):
         draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=FONT)
         im = (im.clamp(0, 1) * 255).round().byte()
         im = im.expand(-1, 3, -1, -1) if im.shape[1] == 1 else im
         for r in range(B):
-            canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * (H + pad)))
+            canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * row))
+    for r, caption in enumerate(captions or []):
+        draw.multiline_text((pad, head + pad + r * row + H + 2), caption, fill='black', font=FONT)
     if note:
         draw.multiline_text((pad, canvas.height - foot + 2), note, fill='black', font=FONT)
     canvas.save(path)
@@ -1053,7 +1060,7 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
         sx, sy = (W - 1.5 * m) / max(x1 - x0, 1), (H - 1.5 * m) / max(y1 - y0, 1e-12)
         d.line([(m + (x - x0) * sx, H - m - (y - y0) * sy) for x, y in pts], fill='blue', width=2)
         d.text((m, H - m + 4), f'step {x0}', fill='black', font=FONT)
-        d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=FONT)
+        d.text((W - m // 2 - d.textlength(f'{x1}', font=FONT), H - m + 4), f'{x1}', fill='black', font=FONT)
         d.text((2, m // 2), f'{y1:.3g}', fill='black', font=FONT)
         d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
     d.text((W // 2 - 30, 4), f'training {key}', fill='black', font=FONT)

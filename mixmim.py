@@ -6,7 +6,7 @@ image (i <-> B-1-i, one mask for the batch). A hierarchical Swin-like encoder (n
 [14, 14, 14, 7]) whose attention never crosses from one image to the other encodes the mixed input; the decoder
 "unmixes" it into two sequences and each image is reconstructed, every unit from the branch in which it was hidden.
 
-    python mixmim.py --demo                                       # tiny model, synthetic images, CPU, ~2 min
+    python mixmim.py --demo                                       # tiny model, synthetic images: 29 s of CPU time
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/        # Swin-B/W14, the official 600-epoch recipe
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/ --epochs 300   # mmpretrain's shorter schedule
 
@@ -47,10 +47,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny model on synthetic images: 29 s of CPU time
     output_dir: str = 'output_mixmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper Swin-B/W14, L/W14, H)
-    input_size: tuple = (224,)  # H [W], each divisible by 32 (the mask grid); ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 32 (the mask unit); None: the preset's (ref 224)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.5  # paper Sec. 4.1; ref exp/base_600ep/pretrain.sh --mask_ratio 0.5
     norm_pix_loss: bool = True  # ref pretrain.sh --norm_pix_loss
@@ -91,6 +91,7 @@ MODELS = {
     'large': (192, (2, 2, 18, 2), (6, 12, 24, 48), (14, 14, 14, 7), 512, 8, 16),
     'huge': (352, (2, 2, 18, 2), (11, 22, 44, 88), (14, 14, 14, 7), 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 PATCH, STRIDE = 4, 32  # patch embedding 4 px; three 2x merges: the encoder's output stride (= mask unit) is 32 px
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=32, global_batch=32, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mixmim_demo', log_every=8, keep_every=3,
@@ -318,8 +319,9 @@ def forward_loss(imgs, pred, mask, norm_pix_loss):
 
 @torch.no_grad()
 def visualize(model, imgs, args, path):
-    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask.
-    A norm-pix reconstruction is shown with the true patch mean/std, and the picture says so."""
+    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask; A and B
+    are dimmed where the mixed input hides them. A norm-pix reconstruction is shown with the true patch mean/std,
+    and the picture says so."""
     was_training = model.training
     model.eval()
     (gh, gw), B, C = model.grids[3], imgs.shape[0], imgs.shape[1]
@@ -335,7 +337,10 @@ def visualize(model, imgs, args, path):
     mixed = torch.where(mask[..., None], target.flip(0), target)  # (B, n, P): what the encoder sees, in pixels
     mean, std = torch.tensor(args.mean, device=imgs.device), torch.tensor(args.std, device=imgs.device)
     to_img = lambda t: unpatchify(t, STRIDE, gh, gw, C) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # noqa: E731
-    save_grid(path, [('image A', to_img(target)), (f'image B\n(A of row {B}-1-i)', to_img(target.flip(0))),
+    up = lambda m: m.view(1, 1, gh, gw).repeat_interleave(STRIDE, 2).repeat_interleave(STRIDE, 3)  # noqa: E731
+    dim = lambda t, m: torch.where(up(m), 0.35 * to_img(t), to_img(t))  # noqa: E731  (hidden units dimmed)
+    save_grid(path, [('image A\n(dim: hidden)', dim(target, mask)),
+                     (f'image B (A of row\n{B}-1-i; dim: hidden)', dim(target.flip(0), ~mask)),
                      ('mixed input', to_img(mixed)), ('reconstruction\nof A *', to_img(rec)),
                      ('reconstruction\nof B *', to_img(rec.flip(0)))], note)
     model.train(was_training)
@@ -346,6 +351,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     embed_dim, depths, heads, windows, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % STRIDE or W % STRIDE:
@@ -357,6 +363,8 @@ def main(args):
                              f'{ws} of --model {args.model}')
     n = grids[3][0] * grids[3][1]
     check_mask_ratio(args.mask_ratio, int(n * args.mask_ratio), n, 'units')  # as batch_mask rounds
+    if args.batch_size == 1:  # image i's partner is image B-1-i of the same batch: alone, it would mix with itself
+        raise SystemExit('--batch_size 1: MixMIM mixes each image with another of its per-GPU batch; give 2 or more')
     evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
     if args.eval_only:
         return evaluate.only(MixMIM((H, W), embed_dim, depths, heads, windows, dec_dim, dec_depth, dec_heads,

