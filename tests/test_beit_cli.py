@@ -252,9 +252,9 @@ def test_refused_tokenizer_pickle_from_the_command_line(tok, tmp_path):
 
 def test_demo_trains_its_tokenizer_then_beit(tmp_path, restore_signals, capsys):
     out = tmp_path / 'demo'
-    res = ok(run_beit('--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16,
-                      '--epochs', 1, '--tok_epochs', 2, '--num_workers', 0, '--num_mask_patches', 6,
-                      '--min_mask_patches_per_block', 2, '--output_dir', out))
+    res = ok(run_beit('--demo', '--eval_data', '', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16,
+                      '--global_batch', 16, '--epochs', 1, '--tok_epochs', 2, '--num_workers', 0,
+                      '--num_mask_patches', 6, '--min_mask_patches_per_block', 2, '--output_dir', out))
     assert 'NOT the DALL-E tokenizer' in res.stdout and f'tokenizer {out / "tokenizer" / "tokenizer.pth"}' in res.stdout
     assert [r['step'] for r in read_log(out / 'tokenizer')] == [4]  # 2 epochs x 2 steps, logged at the end
     tok = beit.load_tokenizer(str(out / 'tokenizer' / 'tokenizer.pth'))
@@ -264,8 +264,9 @@ def test_demo_trains_its_tokenizer_then_beit(tmp_path, restore_signals, capsys):
     assert w == 5 * (4 * 32 + 2) + 2  # 5 columns: original, masked, true / predicted tokens decoded, right/wrong
     check_png(out / 'tokenizer' / 'loss.png')
     assert load(out / 'checkpoint.pth')['optimizer']['param_groups'][0]['tokenizer'] == fingerprint(tok)
-    argv = ['--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16, '--epochs',
-            2, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2, '--output_dir', out]
+    argv = ['--demo', '--eval_data', '', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16,
+            '--global_batch', 16, '--epochs', 2, '--num_workers', 0, '--num_mask_patches', 6,
+            '--min_mask_patches_per_block', 2, '--output_dir', out]
     beit.main(common.parse_args(beit.Args, [str(a) for a in argv], beit.DEMO))  # its own tokenizer, read back: resumes
     assert 'resumed from' in capsys.readouterr().out and load(out / 'checkpoint.pth')['step'] == 4
 
@@ -308,8 +309,8 @@ def test_resume_with_another_tokenizer_is_refused(tok, tmp_path, restore_signals
 
 def test_every_check_runs_before_the_tokenizer_stage(tmp_path, restore_signals):
     """--demo trains its own tokenizer first: a bad batch, data or tokenizer file stops before it trains or writes."""
-    demo = ['--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16,
-            '--tok_epochs', 1, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2]
+    demo = ['--demo', '--eval_data', '', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16,
+            '--global_batch', 16, '--tok_epochs', 1, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2]
     for i, (argv, words) in enumerate([
             (['--global_batch', 24], '--global_batch 24 is not a multiple of --batch_size 16 x 1 processes'),
             (['--data', 'synthetic:8'], '8 images over 1 process(es) do not fill one batch of 16'),
@@ -338,9 +339,9 @@ def test_torchrun_demo_trains_its_tokenizer_then_beit(tmp_path):
     out, script = tmp_path / 'out', tmp_path / 'demo.py'
     script.write_text(TORCHRUN_DEMO.format(repo=str(REPO)))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), '--demo',
-           '--data', 'synthetic:32', '--input_size', '32', '--batch_size', '4', '--global_batch', '8', '--tok_epochs',
-           '1', '--max_steps', '2', '--num_workers', '0', '--num_mask_patches', '6', '--min_mask_patches_per_block',
-           '2', '--log_every', '1', '--output_dir', str(out)]
+           '--eval_data', '', '--data', 'synthetic:32', '--input_size', '32', '--batch_size', '4', '--global_batch', '8',
+           '--tok_epochs', '1', '--max_steps', '2', '--num_workers', '0', '--num_mask_patches', '6',
+           '--min_mask_patches_per_block', '2', '--log_every', '1', '--output_dir', str(out)]
     res = ok(subprocess.run(cmd, cwd=REPO, env=_env(threads=1), capture_output=True, text=True, timeout=240))
     assert 'Traceback' not in res.stderr, res.stderr[-3000:]
     assert [r['step'] for r in read_log(out / 'tokenizer')] == [1, 2] and [r['step'] for r in read_log(out)] == [1, 2]
