@@ -310,7 +310,8 @@ def test_resume_with_another_tokenizer_is_refused(tok, tmp_path, restore_signals
 def test_every_check_runs_before_the_tokenizer_stage(tmp_path, restore_signals):
     """--demo trains its own tokenizer first: a bad batch, data or tokenizer file stops before it trains or writes."""
     demo = ['--demo', '--eval_data', '', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16,
-            '--global_batch', 16, '--tok_epochs', 1, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2]
+            '--global_batch', 16, '--tok_epochs', 1, '--num_workers', 0, '--num_mask_patches', 6,
+            '--min_mask_patches_per_block', 2]
     for i, (argv, words) in enumerate([
             (['--global_batch', 24], '--global_batch 24 is not a multiple of --batch_size 16 x 1 processes'),
             (['--data', 'synthetic:8'], '8 images over 1 process(es) do not fill one batch of 16'),
@@ -339,8 +340,8 @@ def test_torchrun_demo_trains_its_tokenizer_then_beit(tmp_path):
     out, script = tmp_path / 'out', tmp_path / 'demo.py'
     script.write_text(TORCHRUN_DEMO.format(repo=str(REPO)))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), '--demo',
-           '--eval_data', '', '--data', 'synthetic:32', '--input_size', '32', '--batch_size', '4', '--global_batch', '8',
-           '--tok_epochs', '1', '--max_steps', '2', '--num_workers', '0', '--num_mask_patches', '6',
+           '--eval_data', '', '--data', 'synthetic:32', '--input_size', '32', '--batch_size', '4', '--global_batch',
+           '8', '--tok_epochs', '1', '--max_steps', '2', '--num_workers', '0', '--num_mask_patches', '6',
            '--min_mask_patches_per_block', '2', '--log_every', '1', '--output_dir', str(out)]
     res = ok(subprocess.run(cmd, cwd=REPO, env=_env(threads=1), capture_output=True, text=True, timeout=240))
     assert 'Traceback' not in res.stderr, res.stderr[-3000:]
