@@ -100,7 +100,7 @@ class Args:
 # name: (patch, D, depth, heads, mlp ratio, predictor D, predictor depth, input size); ref vision_transformer.py and
 # configs (predictor heads = encoder heads; no config ships for B and L: helper.init_model's predictor depth 6)
 MODELS = {
-    'tiny': (4, 96, 4, 4, 4.0, 64, 2, 64),  # ours, for the demo and tests (64 px: the 16x16 grid of ViT-H/14)
+    'tiny': (4, 64, 4, 4, 4.0, 32, 2, 48),  # ours, for the demo and tests (48 px: a 12x12 patch grid)
     'base': (16, 768, 12, 12, 4.0, 384, 6, 224),
     'large': (16, 1024, 24, 16, 4.0, 384, 6, 224),
     'huge': (14, 1280, 32, 16, 4.0, 384, 12, 224),  # in1k_vith14_ep300.yaml
