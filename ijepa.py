@@ -141,8 +141,9 @@ def sample_masks(args, grid, B, counter, gen):
     H, W = grid
     M, N = args.npred, H * W
     g = torch.Generator().manual_seed(counter)
-    th, tw = block_size(torch.rand(1, generator=g).item(), args.pred_mask_scale, args.aspect_ratio, H, W, args.full_grid)
-    ch, cw = block_size(torch.rand(1, generator=g).item(), args.enc_mask_scale, (1.0, 1.0), H, W, args.full_grid)
+    r_tgt, r_ctx = torch.rand(1, generator=g).item(), torch.rand(1, generator=g).item()  # the reference's order
+    th, tw = block_size(r_tgt, args.pred_mask_scale, args.aspect_ratio, H, W, args.full_grid)
+    ch, cw = block_size(r_ctx, args.enc_mask_scale, (1.0, 1.0), H, W, args.full_grid)
     if min(th * tw, ch * cw) <= args.min_keep:  # check_masks rules this out at start; never loop forever
         raise SystemExit(min_keep_error(args, grid, min(th * tw, ch * cw)))
     targets = blocks(B * M, th, tw, H, W, gen, args.full_grid).view(B, M, N)  # (B, M, N)
@@ -164,9 +165,9 @@ def sample_masks(args, grid, B, counter, gen):
 
 
 def min_keep_error(args, grid, n):
-    return (f'--min_keep {args.min_keep}: blocks of {n} patches can be drawn on the {grid[0]}x{grid[1]} patch grid, and '
-            f'a block must keep more than min_keep (the reference would redraw forever); give --min_keep {n - 1} or '
-            f'less, or larger --pred_mask_scale/--enc_mask_scale')
+    return (f'--min_keep {args.min_keep}: blocks of {n} patches can be drawn on the {grid[0]}x{grid[1]} patch grid, '
+            f'and a block must keep more than min_keep (the reference would redraw forever); give --min_keep {n - 1} '
+            f'or less, or larger --pred_mask_scale/--enc_mask_scale')
 
 
 def check_masks(args, grid):
@@ -184,11 +185,6 @@ def check_masks(args, grid):
 # --------------------------------------------------------------------------- model
 
 
-def gather(x, idx):
-    """x (B, N, D), idx (B, K) -> (B, K, D)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
 class ViT(nn.Module):
     """The reference's VisionTransformer (timm's names, no cls token, fixed sin-cos positions): context and target
     encoder. `keep` (B, K) restricts it to those patches, positions added first."""
@@ -203,7 +199,7 @@ class ViT(nn.Module):
     def forward(self, imgs, keep=None):
         x = self.patch_embed(imgs) + self.pos_embed  # (B, N, D)
         if keep is not None:
-            x = gather(x, keep)  # (B, K_enc, D)
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K_enc, D)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -402,7 +398,7 @@ def main(args):
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
         count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6  # noqa: E731
-        print(f'model {args.model}: encoder {count(model.encoder):.1f}M + predictor {count(model.predictor):.1f}M '
+        print(f'model {args.model}: encoder {count(model.encoder):.2f}M + predictor {count(model.predictor):.2f}M '
               f'trainable params (+ the EMA target encoder); {len(dataset)} images, {steps_per_epoch} steps/epoch')
         print(f'masks on the {grid[0]}x{grid[1]} patch grid: {args.npred} target blocks of '
               f'{min(h * w for h, w in tgt_sizes)}-{max(h * w for h, w in tgt_sizes)} patches; context block '

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import ijepa
@@ -210,7 +209,7 @@ def test_forward_shapes_and_what_each_encoder_sees():
     model.target_encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__('tgt', a[0].shape))
     model.predictor.predictor_blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__('pred', a[0].shape))
     loss, out = model(images(4), m_enc, m_pred)
-    K_enc, (M, B, K) = m_enc.shape[1], m_pred.shape
+    K_enc, (M, _, K) = m_enc.shape[1], m_pred.shape
     assert seen == {'tgt': (4, 64, D), 'ctx': (4, K_enc, D), 'pred': (M * 4, K_enc + K, TINY[5])}
     assert out['z'].shape == out['h'].shape == (M * 4, K, D) and loss.dim() == 0
     loss.backward()
