@@ -442,3 +442,13 @@ def test_init_reads_reference_releases_and_encoders(tmp_path, capsys):
                for k, v in enc.items())
     assert torch.equal(dst.predictor.mask_token, src.predictor.mask_token)  # not in the file: kept
     assert f'loaded {2 * len(enc)} of {len(dst.state_dict())} tensors' in capsys.readouterr().out
+
+
+def test_non_square_grid():
+    """32 x 48 px: a 8 x 12 grid; blocks stay inside it (rows < 7, columns < 11), the model runs on it."""
+    m_enc, m_pred = draw(3, (8, 12), counter=5, min_keep=4)
+    assert m_pred.max() < 96 and (m_pred // 12).max() < 7 and (m_pred % 12).max() < 11
+    model = ijepa.IJEPA((32, 48), *TINY)
+    loss, out = model(images(3, 32, 48), m_enc, m_pred)
+    assert out['z'].shape == (4 * 3, m_pred.shape[2], D) and torch.isfinite(loss)
+    assert torch.equal(model.encoder.pos_embed[0], common.sincos_2d(D, 8, 12))
