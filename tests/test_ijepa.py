@@ -298,6 +298,22 @@ def test_target_blocks_are_independent_in_the_predictor():
     assert not torch.allclose(z1[1:], z0[1:], atol=1e-3)
 
 
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    """AdamW on the reference's groups, EMA after each step (the target moves too), fixed batch and masks."""
+    model = tiny(32)
+    imgs, (m_enc, m_pred) = images(4), draw(4, (8, 8), counter=1, min_keep=4)
+    opt = torch.optim.AdamW(ijepa.param_groups(model), lr=1e-3, weight_decay=0.04)
+    losses = []
+    for _ in range(8):
+        loss, _ = model(imgs, m_enc, m_pred)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ijepa.ema_update(model.encoder, model.target_encoder, 0.996)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0] and all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
 def test_collapse_signal():
     model = tiny(32)
     m_enc, m_pred = draw(4, (8, 8), min_keep=4)
