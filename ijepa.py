@@ -335,9 +335,9 @@ def visualize(model, imgs, args, path):
     img = (imgs * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1).expand(-1, 3, -1, -1).cpu()
     up = lambda m: m.view(B, 1, gh, gw).float().repeat_interleave(p, 2).repeat_interleave(p, 3)  # noqa: E731
     onehot = lambda idx: torch.zeros(B, gh * gw).scatter(1, idx, 1.0)  # noqa: E731
-    dim = 0.25 * img + 0.375
-    context = torch.where(up(onehot(m_enc)) > 0, img, dim)
-    targets = dim.clone()
+    dimmed = 0.25 * img + 0.375  # patches outside what a column shows
+    context = torch.where(up(onehot(m_enc)) > 0, img, dimmed)
+    targets = dimmed.clone()
     colours = torch.tensor([(1, 0.2, 0.2), (0.2, 1, 0.2), (0.3, 0.5, 1), (1, 0.9, 0.1)])
     for j in range(M):
         a = 0.6 * up(onehot(m_pred[j]))
