@@ -6,7 +6,7 @@ A context encoder sees one large block of the image minus four target blocks; a 
 and the positions of one target block, predicts what the target encoder (an EMA of the context encoder, no gradient)
 computes for that block on the full image. The loss is in representation space: no pixels, no tokens.
 
-    python ijepa.py --demo                                       # tiny model, synthetic images, CPU, ~1 min
+    python ijepa.py --demo                                       # tiny model, synthetic images, CPU, ~1.5 min
     torchrun --nproc_per_node=8 ijepa.py --data imagenet/        # ViT-H/14 at 224, the reference's 300-epoch recipe
     torchrun --nproc_per_node=8 ijepa.py --data imagenet/ --model huge448 --batch_size 16   # ViT-H/16 at 448
 

@@ -39,6 +39,15 @@ def rect(h, w, top, left, H, W):
     return m.flatten()
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (spinning OpenMP threads are slow when other processes share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def many_draws():
     """200 batches of 128 on the 16x16 grid of ViT-H/14 at 224 (the reference's per-GPU batch), default settings."""
