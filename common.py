@@ -767,9 +767,9 @@ def report_flops(d, flops, global_batch, unit='img', **frozen):
     teacher: GPU work too) split out. Returns the total per image, for the Logger's TFLOP/s and MFU."""
     total = flops + sum(frozen.values())
     if d.main:
-        print(f'train GFLOPs per {unit}: model {flops / 1e9:.1f} (forward + backward)' + ''.join(
-            f' + {k} {v / 1e9:.1f} (frozen, forward only: {v / flops:.0%} of the model)' for k, v in frozen.items())
-            + f' = {total / 1e9:.1f}; x {global_batch} per optimizer step = {total * global_batch / 1e12:.1f} TFLOP')
+        print(f'train GFLOPs per {unit}: model {flops / 1e9:.4g} (forward + backward)' + ''.join(
+            f' + {k} {v / 1e9:.4g} (frozen, forward only: {v / flops:.0%} of the model)' for k, v in frozen.items())
+            + f' = {total / 1e9:.4g}; x {global_batch} per optimizer step = {total * global_batch / 1e12:.4g} TFLOP')
     return total
 
 
