@@ -202,9 +202,9 @@ def load_teacher(path, n_tokens, patch, in_chans):
 def attention_order(importance):
     """Semantic-aware sampling: patches ordered by weighted sampling without replacement, weights = the teacher's cls
     attention (fp32; global torch RNG); the first int(N(1-ratio)) stay visible, so high attention is kept more
-    often, not always. As the reference's torch.multinomial(replacement=False) draws it: an exponential race, w / E
-    with E ~ Exp(1) sorted descending (the Gumbel top-k trick, exact), but without the host sync that torch releases
-    before the fix of pytorch#134818 make for their input checks. importance (B, N) -> ids_shuffle (B, N)"""
+    often, not always. Drawn as the reference's torch.multinomial(replacement=False) draws it, by an exponential race
+    (w / E, E ~ Exp(1), sorted descending: the Gumbel top-k trick, exact), without multinomial's input checks, which
+    synced the host until pytorch#134818 (2024). importance (B, N) -> ids_shuffle (B, N)"""
     w = importance.float()
     return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)
 
