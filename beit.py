@@ -24,6 +24,7 @@ Deviations from the reference:
 - The own tokenizer (`--stage tokenizer`) is ours, not the DALL-E tokenizer the paper used; it has no resume.
 """
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -43,9 +44,9 @@ from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
                     SyntheticImages, accumulation, amp_setup, check_args, check_readable, count_flops, finish,
-                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params,
-                    report_flops, resume, save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run,
-                    to_mode, unwrap)
+                    load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups, parse_args,
+                    random_resized_crop_params, report_flops, resume, save_checkpoint, save_grid, save_loss_curve,
+                    save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -87,6 +88,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref save_ckpt_freq: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
     vocab_size: int = 8192  # own tokenizer: codebook size (DALL-E: 8192)
     tok_width: int = 128  # own tokenizer: conv width; ours
     tok_epochs: int = 20  # own tokenizer: epochs; ours
@@ -139,22 +141,19 @@ class TwoViews(ImageFiles):
     uint8 (3, 8gh, 8gw), bool (N,)), label, bad); ImageFiles skips bad files and seeds the item's rng."""
 
     def __init__(self, args, grid):
+        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
+        self.src = None
         if args.data.startswith('synthetic'):
             self.src = SyntheticImages(int((args.data + ':10000').split(':')[1]), args.input_size, 3, args.seed)
-            self.files, self.labels, self.seed = range(len(self.src)), [0] * len(self.src), args.seed
-            self.warned = set()
+            self.files, self.labels, self.seed, self.warned = range(len(self.src)), [0] * self.src.n, args.seed, set()
         else:
             super().__init__(args.data, args.input_size, seed=args.seed)
-            self.src = None
-        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
-        if self.src is None:
             check_readable(self, 'image')  # stops with one line when no file can be read
 
     def load(self, idx, rng):
-        a = self.args
         img = Image.fromarray(self.src[idx][0].permute(1, 2, 0).numpy()) if self.src else Image.open(self.files[idx])
         W0, H0 = img.size
-        top, left, h, w = random_resized_crop_params(W0, H0, a.crop_scale, (3 / 4, 4 / 3), rng)  # timm's 10 tries
+        top, left, h, w = random_resized_crop_params(W0, H0, self.args.crop_scale, (3 / 4, 4 / 3), rng)  # 10 tries
         if img.format == 'JPEG':  # decode at reduced size while the crop still covers the output size
             img.draft('RGB', (math.ceil(W0 * self.size[1] / w), math.ceil(H0 * self.size[0] / h)))
         img = to_mode(img, 3)
@@ -168,7 +167,7 @@ class TwoViews(ImageFiles):
             views = [enhance(v).enhance(factors[k]) for v in views]
         flip = rng.random() < 0.5
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
-        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block)  # ref max per block: None
+        mask = block_mask(rng, self.grid, self.args.num_mask_patches, self.args.min_mask_patches_per_block)  # max: None
         return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
@@ -230,11 +229,10 @@ class DVAE(nn.Module):
 
     def __init__(self, vocab, w):
         super().__init__()
-        conv, convt = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1))
-        self.encoder = nn.Sequential(conv(3, w), nn.ReLU(), conv(w, w), nn.ReLU(), conv(w, w), nn.ReLU(),
-                                     nn.Conv2d(w, vocab, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), nn.ReLU(), convt(w, w), nn.ReLU(), convt(w, w), nn.ReLU(),
-                                     convt(w, 3))
+        down = lambda i, o: [nn.Conv2d(i, o, 4, 2, 1), nn.ReLU()]  # noqa: E731
+        up = lambda i, o: [nn.ReLU(), nn.ConvTranspose2d(i, o, 4, 2, 1)]  # noqa: E731
+        self.encoder = nn.Sequential(*down(3, w), *down(w, w), *down(w, w), nn.Conv2d(w, vocab, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), *up(w, w), *up(w, w), *up(w, 3))
         self.vocab = vocab
 
     @torch.no_grad()
@@ -255,38 +253,32 @@ def visual_tokens(tokenizer, x):  # (B, 3, 8h, 8w) in [0.1, 0.9] -> (B, h*w): ar
     return (tokenizer.encoder if isinstance(tokenizer, DVAE) else tokenizer)(x).argmax(1).flatten(1)
 
 
-class PickledModule(nn.Module):
-    """Stands in for each module class of a pickled dall_e encoder: gets its attributes, so state_dict() works."""
-
-
-PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d',
-           'torch.nn.modules.container.Sequential', 'torch.nn.modules.activation.ReLU',
-           'torch.nn.modules.pooling.MaxPool2d', 'torch.nn.modules.linear.Identity')
+PICKLED = ['dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d'] + [f'torch.nn.modules.{m}'
+           for m in ('container.Sequential', 'activation.ReLU', 'pooling.MaxPool2d', 'linear.Identity')]
 
 
 def load_tokenizer(path):
-    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl: torch's
-    weights_only unpickler, the classes above mapped to PickledModule), our tokenizer.pth, or an Encoder state dict."""
+    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl:
+    torch's weights_only unpickler, each PICKLED class as a bare nn.Module), our tokenizer.pth, or its state dict."""
     if path == 'random':
         return Encoder()
-    if not Path(path).is_file():
-        raise SystemExit(f'--tokenizer {path}: no such file')
+    with torch.serialization.safe_globals([(nn.Module, name) for name in PICKLED]):  # attributes only, no code
+        try:
+            obj = load_checkpoint(path, '--tokenizer')  # weights_only; one line for a missing, cut or foreign file
+        except SystemExit as e:  # decoder.pkl, the other half of the DALL-E dVAE, is named
+            raise SystemExit(f'--tokenizer {path}: the DALL-E decoder; give the encoder, encoder.pkl'
+                             if 'dall_e.decoder.' in str(e.code) else e.code) from None
+    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj) if isinstance(obj, dict) else {}
+    sd = {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
     try:
-        with torch.serialization.safe_globals([(PickledModule, name) for name in PICKLED]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
-                         f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
-    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj)
-    if 'decoder.0.weight' in sd:  # our tokenizer.pth
-        tok = DVAE(sd['decoder.0.weight'].shape[1], sd['decoder.0.weight'].shape[0])
-    elif 'blocks.input.w' in sd:  # the DALL-E encoder
-        (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
-        n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd)
-        tok = Encoder(n_hid, n_blk, vocab, in_chans)
-    else:
-        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})')
-    tok.load_state_dict({k: v.float() for k, v in sd.items()})
+        if 'decoder.0.weight' in sd:  # our tokenizer.pth: (width, vocab, 1, 1)
+            tok = DVAE(*sd['decoder.0.weight'].shape[1::-1])
+        else:  # the DALL-E encoder
+            (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
+            tok = Encoder(n_hid, sum(k.endswith('res_path.conv_1.w') for k in sd) // 4, vocab, in_chans)  # 4 groups
+        tok.load_state_dict(sd)
+    except Exception:  # tensors missing or of other shapes
+        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})') from None
     return tok.requires_grad_(False).eval()
 
 # --------------------------------------------------------------------------- model
@@ -387,39 +379,17 @@ def visualize(model, tokenizer, batch, args, path):
 # --------------------------------------------------------------------------- training
 
 
-def check(args):
-    """The shared checks and the method's own, before any work; returns the patch grid."""
-    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
-                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
-    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
-    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
-        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
-                         f'{patch} of --model {args.model}')
-    N = (H // patch) * (W // patch)
-    if args.stage == 'pretrain' and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
-        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
-                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
-    if args.stage == 'pretrain' and args.tokenizer is None:
-        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
-    return H // patch, W // patch
-
-
-def train_tokenizer(args):
-    """--stage tokenizer: train the file's own dVAE on the tokenizer view (8 px per patch); writes tokenizer.pth."""
-    grid = check(args)
-    d, out = setup_run(args)
-    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total = min(args.tok_epochs * steps_per_epoch, args.max_steps or math.inf)
+def train_tokenizer(args, d, loader, sampler):
+    """The own dVAE on the tokenizer view (8 px per patch); rank 0 writes output_dir/tokenizer/tokenizer.pth."""
+    (out := Path(args.output_dir) / 'tokenizer').mkdir(exist_ok=True)
+    per_epoch, scaler = len(sampler) // args.batch_size, torch.amp.GradScaler(enabled=False)  # steps per epoch; fp32
+    total = min(args.tok_epochs * per_epoch, args.max_steps or math.inf)
     vae = DVAE(args.vocab_size, args.tok_width).to(d.device)
     optimizer = torch.optim.Adam(params := list(vae.parameters()), lr=args.tok_lr, fused=True)
     fwd = nn.parallel.DistributedDataParallel(vae) if d.world > 1 else vae
-    if d.main:
-        print(f'tokenizer: own dVAE (NOT the DALL-E tokenizer of the paper), vocab {args.vocab_size}, width '
-              f'{args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
-    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp  # fp32
+    logger, step, (t0, t1) = Logger(out, d, 0, note=' [own dVAE, NOT the DALL-E tokenizer]'), 0, args.tok_temp
     while step < total:
-        sampler.set_epoch(step // steps_per_epoch)
+        sampler.set_epoch(step // per_epoch)
         for (_, tok_imgs, _), _, bad_files in itertools.islice(loader, total - step):
             temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
@@ -428,14 +398,13 @@ def train_tokenizer(args):
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
             if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
-                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world,
-                                args.max_bad_steps)
+                logger.log_step(step / per_epoch, step, total, temp, args.batch_size * d.world, args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-    if d.world > 1:
+    if d.world > 1 and args.stage == 'tokenizer':  # --stage tokenizer: the run ends here
         dist.destroy_process_group()
-    return vae
+    return vae.requires_grad_(False).eval()
 
 
 def lr_at(step, lr, min_lr, warmup_steps, total_steps):
@@ -446,34 +415,49 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
-    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
-    if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
-        vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))
-        if args.stage == 'tokenizer':
-            return vae
-    if args.demo and args.tokenizer is None:  # the demo trains its own tokenizer first (once)
-        args = dataclasses.replace(args, tokenizer=str(tok))
-    grid = check(args)
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
-    tokenizer = load_tokenizer(args.tokenizer).to(d.device)  # frozen, not in the optimizer
-    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
-    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
-                 else args.layer_scale, args.abs_pos_emb).to(d.device)
-
-    accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
-    dataset = TwoViews(args, grid)
-    loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
+    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
+                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
+    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
+    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
+        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
+                         f'{patch} of --model {args.model}')
+    grid, N, pretrain = (H // patch, W // patch), (H // patch) * (W // patch), args.stage == 'pretrain'
+    if pretrain and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
+        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
+                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
+    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # --stage tokenizer's; the demo trains it once
+    own = not pretrain or args.demo and args.tokenizer is None and not tok.exists()
+    args = dataclasses.replace(args, tokenizer=args.tokenizer or (str(tok) if args.demo else None))
+    if pretrain and args.tokenizer is None:
+        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
+    torch.manual_seed(args.seed)  # a random tokenizer: the same on every rank and restart
+    tokenizer = None if own else load_tokenizer(args.tokenizer)  # frozen, not in the optimizer
+    d, out = setup_run(args if pretrain else dataclasses.replace(args, output_dir=str(tok.parent)))
+    accum = accumulation(args, d) if pretrain else 1  # per-GPU x GPUs x accum = the global batch
+    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
     steps_per_epoch = iters_per_epoch // accum
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    tokenizer = train_tokenizer(args, d, loader, sampler) if own else tokenizer.to(d.device)
+    if not pretrain:
+        return tokenizer
+    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
+    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
+                 else args.layer_scale, args.abs_pos_emb).to(d.device)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
                                   lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
+    weights = b''.join(v.float().cpu().numpy().tobytes() for v in tokenizer.state_dict().values())
+    fp = optimizer.param_groups[0]['tokenizer'] = hashlib.sha256(weights).hexdigest()[:16]  # saved with the optimizer
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
+    if optimizer.param_groups[0].setdefault('tokenizer', fp) != fp:  # its targets were another tokenizer's tokens
+        raise SystemExit(f'{"--resume" if args.resume else "resuming"} {args.resume or out / "checkpoint.pth"}: made '
+                         f'with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant index buffer: no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,

@@ -81,6 +81,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 100  # ref main_pretrain.py: checkpoint-<epoch>.pth every 100 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (unit px, D, depths, heads, decoder D, decoder depth, decoder heads). depths[0], depths[1] count PAIRS of

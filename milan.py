@@ -16,7 +16,7 @@ CLIP architecture: the method runs, its targets carry no language; every log lin
 Deviations from the reference:
 - The teacher is the CLIP visual tower with ln_post + proj on all tokens (clip_demo.py with finetune=False), loaded
   strictly; the reference's main_pretrain.py passes 'base' as `finetune` and loads non-strictly (sheet gotcha 1).
-  OpenAI's TorchScript file is read with torch.jit.load (the reference expects a pickled state dict).
+  OpenAI's TorchScript file is read as data, its code never run (the reference expects a pickled state dict).
 - Only the last block's cls-query attention row is computed explicitly (fp32 softmax); the rest runs through SDPA.
 - The prediction width is the teacher's output width (512 for CLIP ViT-B/16, hard-coded in the reference).
 - The effective batch is `--global_batch` (4096, PRETRAIN.sh: 256 x accum 2 x 8 GPUs); `accum_iter` is derived.
@@ -27,9 +27,12 @@ Deviations from the reference:
 - Data: JPEGs decoded at reduced size by `Image.draft` when the crop allows it, crop + resize in one call.
 """
 import dataclasses
+import io
 import json
 import math
+import pickle
 import time
+import zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -81,6 +84,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_milan.py (*_dec512d8b)
@@ -168,28 +172,70 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x) @ self.proj.to(x.dtype), attn[:, 1:]  # (B, 1+N, out), (B, N)
 
 
+class ScriptObject:  # stands in for every class of a TorchScript archive: keeps its pickled state, runs no code
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ArchiveUnpickler(pickle.Unpickler):
+    """A TorchScript archive's module tree (data.pkl) read as data (torch.jit.load would run the archive's methods,
+    `__setstate__` included): tensors from its storages, its classes as ScriptObject; any other global is refused."""
+    GLOBALS = {'collections.OrderedDict': OrderedDict, 'torch.jit._pickle.restore_type_tag': lambda value, _: value,
+               'torch._utils._rebuild_tensor_v2': lambda data, at, size, stride, *_: data.as_strided(size, stride, at),
+               **{f'torch.jit._pickle.build_{t}list': list for t in ('int', 'double', 'bool', 'tensor')},
+               **{f'torch.{t}Storage': getattr(torch, t.lower()) for t in ('Half', 'Float', 'BFloat16', 'Double',
+                                                                           'Long', 'Int', 'Short', 'Bool')}}
+
+    def __init__(self, archive, root):
+        super().__init__(io.BytesIO(archive.read(f'{root}/data.pkl')))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module, name):
+        found = ScriptObject if module.startswith('__torch__') else self.GLOBALS.get(f'{module}.{name}')
+        if found is None:  # e.g. os.system: a function that could run code
+            raise pickle.UnpicklingError(f'refused {module}.{name}: a teacher holds only modules and tensors')
+        return found
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, device, numel) -> a flat tensor of the stored bytes
+        data = bytearray(self.archive.read(f'{self.root}/data/{pid[2]}'))
+        return torch.frombuffer(data, dtype=pid[1]) if data else torch.empty(0, dtype=pid[1])
+
+
+def script_tensors(obj, prefix=''):
+    """Every tensor under a module read by ArchiveUnpickler, by dotted name (as torch.jit.load(...).state_dict())."""
+    out = {}
+    for k, v in (obj.state.items() if isinstance(getattr(obj, 'state', None), dict) else ()):
+        out.update({prefix + k: v} if isinstance(v, torch.Tensor) else
+                   script_tensors(v, f'{prefix}{k}.') if isinstance(v, ScriptObject) else {})
+    return out
+
+
 def load_teacher(path, n_tokens, patch, in_chans):
-    """A CLIP visual tower from OpenAI's TorchScript file or a plain state dict (fp16 or fp32), strictly; one line and
-    exit when the file is missing, corrupt, not a CLIP ViT, or does not fit the student's patch grid."""
+    """A CLIP visual tower from OpenAI's TorchScript file (read as data) or a plain state dict (fp16 or fp32), strictly;
+    one line and exit when the file is missing, corrupt, not a CLIP ViT, or does not fit the student's patch grid."""
     if not Path(path).is_file():
         raise SystemExit(f'--teacher {path}: no such file (OpenAI CLIP ViT-B-16.pt, or --teacher random)')
-    try:  # TorchScript archive (OpenAI's release); its code is TorchScript, never pickled Python
-        sd = torch.jit.load(str(path), map_location='cpu').state_dict()
-    except Exception:  # a plain state dict (MILAN's clip_vit_base_16.pth.tar): weights_only load, clear errors
+    try:  # a TorchScript archive (OpenAI's release): <root>/constants.pkl, data.pkl and data/<storage>
+        with zipfile.ZipFile(path) as archive:
+            root = next(n[:-14] for n in archive.namelist() if n.count('/') == 1 and n.endswith('/constants.pkl'))
+            sd = script_tensors(ArchiveUnpickler(archive, root).load())
+    except (zipfile.BadZipFile, StopIteration):  # a plain state dict (MILAN's clip_vit_base_16.pth.tar), clear errors
         sd = load_checkpoint(path, '--teacher')
         sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
-    sd = {k[7:]: v.float() for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
-        if isinstance(sd, dict) else {}
-    if 'proj' not in sd or 'conv1.weight' not in sd or 'positional_embedding' not in sd:
+    except Exception as e:
+        raise SystemExit(f'--teacher {path}: TorchScript archive not read ({type(e).__name__}: '
+                         f'{" ".join(str(e).split())[:200]})') from None
+    sd = {k[7:]: v for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
+        if isinstance(sd, dict) else {}  # fp16 or fp32: load_state_dict copies into the fp32 tower
+    if [sd[k].dim() if k in sd else 0 for k in ('proj', 'conv1.weight', 'positional_embedding')] != [2, 4, 2]:
         raise SystemExit(f'--teacher {path}: not a CLIP ViT image tower (no visual.proj/conv1/positional_embedding)')
     width, c, p, _ = sd['conv1.weight'].shape
     layers = sum(k.endswith('attn.in_proj_weight') for k in sd)
     if p != patch or sd['positional_embedding'].shape[0] != n_tokens or c != in_chans:
-        raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; '
-                         f'the student has patch {patch}, {n_tokens} tokens, {in_chans} channels '
-                         f'(--model/--input_size)')
-    teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
-    try:
+        raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; the'
+                         f' student has patch {patch}, {n_tokens} tokens, {in_chans} channels (--model/--input_size)')
+    try:  # a tower too big to allocate, or tensors of other shapes (checked before any copy): one line
+        teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
         teacher.load_state_dict(sd)
     except RuntimeError as e:
         raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({" ".join(str(e).split())[:240]})') from None

@@ -76,6 +76,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # checkpoint-<epoch>.pth every 20 epochs and at the last (ref main_pretrain.py)
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (embed dim, depths, heads, windows, decoder D, decoder depth, decoder heads)  ref models_mixmim.py
@@ -343,6 +344,8 @@ def main(args):
                              f'{ws} of --model {args.model}')
     n = grids[3][0] * grids[3][1]
     check_mask_ratio(args.mask_ratio, int(n * args.mask_ratio), n, 'units')  # as batch_mask rounds
+    if args.batch_size == 1:  # image i's partner is image B-1-i of the same batch: alone, it would mix with itself
+        raise SystemExit('--batch_size 1: MixMIM mixes each image with another of its per-GPU batch; give 2 or more')
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch

@@ -81,6 +81,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 5  # ref configs SAVE_FREQ: checkpoint-<epoch>.pth every 5 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # ref configs/*.yaml and models/build.py; img/epochs/drop_path are the presets' recipe defaults

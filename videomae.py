@@ -53,9 +53,10 @@ import torch.nn as nn
 from PIL import Image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, check_readable, cosine_lr, count_flops, finish, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, patchify, read_or_next, report_flops,
-                    resume, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unpatchify, unwrap)
+                    check_args, check_mask_ratio, check_readable, cosine_lr, count_flops, data_root, finish,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify, read_or_next,
+                    report_flops, resume, save_grid, save_loss_curve, save_training_state, scan, setup_run, to_mode,
+                    unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -96,6 +97,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref scripts --save_ckpt_freq 20: checkpoint-<epoch>.pth, and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref modeling_pretrain.py, --decoder_depth 4
@@ -277,17 +279,14 @@ class VideoFolders(torch.utils.data.Dataset):
     one and counted. Only folder paths are kept (a frame folder is listed when read): K400 has ~70M frames."""
 
     def __init__(self, root, num_frames, sampling_rate, size, in_chans=3, seed=0):
-        root = Path(root)
-        if not root.is_dir():
-            raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
-        root = root / 'train' if (root / 'train').is_dir() else root
+        root = data_root(root)
         self.files, empty = [], []  # frame folders and .gif files
-        for dirpath, dirs, files in os.walk(root, followlinks=True):
-            gifs = [os.path.join(dirpath, f) for f in files if f.lower().endswith('.gif')]
-            if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-                self.files.append(dirpath)
-            elif not dirs and not gifs:
-                empty.append(dirpath)
+        for folder, files, has_subfolders in scan(root, IMAGE_EXTENSIONS + ('.gif',)):
+            gifs = [os.path.join(folder, f) for f in files if f.lower().endswith('.gif')]
+            if len(gifs) < len(files):
+                self.files.append(folder)
+            elif not has_subfolders and not gifs:
+                empty.append(folder)
             self.files += gifs
         self.files.sort()
         if not self.files:

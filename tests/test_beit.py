@@ -352,13 +352,44 @@ def test_restricted_unpickler_refuses_other_calls(tmp_path):
     with pytest.raises(SystemExit) as e:
         beit.load_tokenizer(str(tmp_path / 'evil.pth'))
     assert 'refused' in str(e.value.code) and not target.exists()
+    line = str(e.value.code)  # the refused function by name, not torch's advice to unpickle anyway
+    assert 'posix.system' in line and 'weights_only' not in line and '\x1b' not in line and '\n' not in line, line
     torch.save(EvilDallE(), tmp_path / 'evil2.pkl')
     with pytest.raises(SystemExit) as e:
         beit.load_tokenizer(str(tmp_path / 'evil2.pkl'))
     assert 'refused' in str(e.value.code) and not os.path.exists('HACKED')
+    line = str(e.value.code)
+    assert 'builtins.eval' in line and 'weights_only' not in line and '\x1b' not in line and '\n' not in line, line
     torch.save({'model': {'foo': torch.zeros(2)}}, tmp_path / 'other.pth')  # loads, but is no encoder
     with pytest.raises(SystemExit, match='no DALL-E encoder'):
         beit.load_tokenizer(str(tmp_path / 'other.pth'))
+
+
+def test_dall_e_decoder_and_other_objects_as_tokenizer(tmp_path):
+    """decoder.pkl (the other half of the DALL-E dVAE: tokens in, pixels out) is named; a decoder's state dict, a list
+    and a bare tensor are no tokenizer; one line each."""
+    pkg, dec_mod = types.ModuleType('dall_e'), types.ModuleType('dall_e.decoder')
+    dec_mod.Decoder = type('Decoder', (nn.Module,), {'__module__': 'dall_e.decoder', '__qualname__': 'Decoder'})
+    sys.modules.update({'dall_e': pkg, 'dall_e.decoder': dec_mod})
+    try:
+        decoder = dec_mod.Decoder()
+        decoder.blocks = nn.Sequential()
+        decoder.blocks.input = beit.Conv(32, 16, 1)  # vocab -> n_init, a 1x1 conv
+        torch.save(decoder, tmp_path / 'decoder.pkl')
+    finally:
+        for k in ('dall_e', 'dall_e.decoder'):
+            sys.modules.pop(k, None)
+    torch.save(decoder.state_dict(), tmp_path / 'decoder_sd.pth')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    for name, words in [('decoder.pkl', 'the DALL-E decoder; give the encoder, encoder.pkl'),
+                        ('decoder_sd.pth', "no DALL-E encoder or dVAE tensors (keys like ['blocks.input.w'"),
+                        ('list.pth', 'no DALL-E encoder or dVAE tensors (keys like [])'),
+                        ('tensor.pth', 'no DALL-E encoder or dVAE tensors (keys like [])')]:
+        with pytest.raises(SystemExit) as e:
+            beit.load_tokenizer(str(tmp_path / name))
+        assert e.value.code == f'--tokenizer {tmp_path / name}: {words}' or (
+            e.value.code.startswith(f'--tokenizer {tmp_path / name}: {words}') and '\n' not in e.value.code), e.value.code
 
 
 def test_dvae_file_round_trip(tmp_path):
@@ -414,16 +445,16 @@ def test_tokenizer_stage_lowers_reconstruction_loss(tmp_path, restore_signals):
         '--kl_weight', '0', '--log_every', '4', '--output_dir', str(tmp_path)])
     torch.manual_seed(0)  # what setup_run does for rank 0: the same initial dVAE
     fresh = beit.DVAE(32, 8)
-    vae = beit.train_tokenizer(args)
+    vae = beit.main(args)  # --stage tokenizer: output_dir/tokenizer/tokenizer.pth
     ds = beit.TwoViews(args, (4, 4))
     x = beit.map_pixels(torch.stack([ds[(0, i)][0][1] for i in range(32)]))
     with torch.no_grad():
         before = F.mse_loss(fresh.decoder(F.one_hot(beit.visual_tokens(fresh, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
         after = F.mse_loss(vae.decoder(F.one_hot(beit.visual_tokens(vae, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
     assert after < 0.5 * before, (before, after)
-    recs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    recs = [json.loads(line) for line in open(tmp_path / 'tokenizer' / 'log.jsonl')]
     assert [r['step'] for r in recs] == [4, 8, 12, 16, 20, 24] and recs[-1]['loss'] < recs[0]['loss']
     assert recs[-1]['lr'] == pytest.approx(1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * 23 / 24)))  # annealed
-    tok = beit.load_tokenizer(str(tmp_path / 'tokenizer.pth'))
+    tok = beit.load_tokenizer(str(tmp_path / 'tokenizer' / 'tokenizer.pth'))
     assert type(tok) is beit.DVAE and torch.equal(beit.visual_tokens(tok, x), beit.visual_tokens(vae, x))
-    assert (tmp_path / 'loss.png').exists()
+    assert (tmp_path / 'tokenizer' / 'loss.png').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['tokenizer']
