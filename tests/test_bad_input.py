@@ -357,6 +357,7 @@ def test_unreadable_files_are_counted_once_each(method, tmp_path, restore_signal
     recs = read_log(out)
     assert [r['step'] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[-1]['skipped'] == 2, recs
     assert load(out / 'checkpoint.pth')['step'] == 6
+    assert all(r['tflops'] > 0 and 'mfu' not in r for r in recs)  # the FLOP count reaches the log (no GPU: no MFU)
 
 
 @pytest.mark.parametrize('method', METHODS)
