@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, Logger, PatchEmbed,
-                    RelativePositionBias, SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish,
-                    load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups, parse_args,
-                    random_resized_crop_params, resume, save_checkpoint, save_grid, save_loss_curve,
-                    save_training_state, setup_run, to_mode, unwrap)
+                    RelativePositionBias, SyntheticImages, accumulation, amp_setup, check_args, check_readable,
+                    count_flops, finish, load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups,
+                    parse_args, random_resized_crop_params, report_flops, resume, save_checkpoint, save_grid,
+                    save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -79,7 +79,7 @@ class Args:
     std: tuple = IMAGENET_STD  # as mean
     num_workers: int = 10  # ref
     seed: int = 0  # data and masks use (seed, epoch, index)
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference BEiT pretraining release
@@ -300,7 +300,7 @@ def trunc_normal_1sigma(t, std=0.02):
 
 class BEiT(nn.Module):
     """VisionTransformerForMaskedImageModeling with the reference's names: q/v biases, layer scale, one shared
-    relative position bias (no absolute positions by default), lm_head over the masked positions only."""
+    relative position bias (no absolute positions by default), lm_head over the masked positions only (no host sync)."""
 
     def __init__(self, img_size, patch, dim, depth, heads, vocab=8192, drop_path=0.1, init_values=0.1,
                  abs_pos_emb=False):
@@ -327,21 +327,23 @@ class BEiT(nn.Module):
 
     def forward_features(self, imgs, mask):
         x = self.patch_embed(imgs)  # (B, N, D)
-        w = mask.unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked patches -> mask token, before cls is added
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
+        w = mask.unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast the token's
+        x = x * (1 - w) + self.mask_token * w  # gradient is summed in fp32 (in fp16 it can overflow a GradScaler)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = x if self.pos_embed is None else x + self.pos_embed
         bias = self.rel_pos_bias()  # (1, heads, 1+N, 1+N)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)  # (B, 1+N, D)
 
-    def forward(self, imgs, mask, input_ids):  # imgs (B, 3, H, W) normalised; mask, input_ids (B, N)
-        logits = self.lm_head(self.forward_features(imgs, mask)[:, 1:][mask])  # (N_mask_total, V), row-major
-        loss = beit_loss(logits, input_ids, mask)
-        acc = (logits.argmax(-1) == input_ids[mask]).float().sum() / mask.sum().clamp(min=1)
-        return loss, {'logits': logits, 'mlm_acc': acc}
+    def forward(self, imgs, mask, input_ids, k=None):  # imgs (B, 3, H, W) normalised; mask, input_ids (B, N)
+        # the LM head sees k positions per image, the masked first (k >= the most masked: --num_mask_patches; None: N)
+        pos = mask.byte().argsort(dim=1, descending=True, stable=True)[:, :k]  # (B, k): a shape the mask never changes
+        x = self.forward_features(imgs, mask)[:, 1:]  # (B, N, D)
+        logits = self.lm_head(x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1])))  # (B, k, V)
+        valid, labels = mask.gather(1, pos), input_ids.gather(1, pos)  # (B, k) each
+        acc = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return beit_loss(logits, labels, valid), {'logits': logits, 'pos': pos, 'valid': valid, 'mlm_acc': acc}
 
 
 def features(model, imgs):
@@ -358,11 +360,10 @@ def encoder_state_dict(model):
 # --------------------------------------------------------------------------- loss (paper Sec. 2.5)
 
 
-def beit_loss(logits, input_ids, mask):
-    """Cross-entropy over ALL masked tokens of the batch (images with more masked patches weigh more).
-    logits (N_mask_total, V) in row-major order of mask (B, N); input_ids (B, N)."""
-    labels = input_ids[mask]  # (N_mask_total,)
-    return F.cross_entropy(logits.float(), labels, reduction='sum') / max(labels.numel(), 1)
+def beit_loss(logits, labels, valid):
+    """Cross-entropy over ALL masked tokens of the batch (more masked patches weigh more): mean over `valid` ones."""
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction='none')  # (B*k,) of (B, k, V)
+    return torch.where(valid.flatten(), ce, 0).sum() / valid.sum().clamp(min=1)
 
 # --------------------------------------------------------------------------- pictures
 
@@ -375,7 +376,7 @@ def visualize(model, tokenizer, batch, args, path):
     model.eval()
     ids = visual_tokens(tokenizer, map_pixels(tok_imgs))  # (B, N)
     _, out = model(normalize(imgs, args.mean, args.std), mask, ids)
-    pred = ids.masked_scatter(mask, out['logits'].argmax(-1))  # (B, N): predictions at the masked patches
+    pred = torch.where(mask, ids.scatter(1, out['pos'], out['logits'].argmax(-1)), ids)  # (B, N): predicted at mask
     p, (gh, gw) = model.patch_embed.patch_size, model.grid
     up = lambda m: m.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # noqa: E731
     orig = imgs.float() / 255
@@ -495,6 +496,9 @@ def main(args):
               f'epochs from 0, cosine to {args.min_lr:g}')
 
     vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][0] for i in range(8)])]
+    img, tok_img, m = (t[:1].float() for t in vis)  # FLOPs of one image, k = the mask budget; the dVAE: its encoder
+    flops = report_flops(d, count_flops(model, img, m.bool(), m.long(), args.num_mask_patches), args.global_batch,
+                         tokenizer=count_flops(getattr(tokenizer, 'encoder', tokenizer), tok_img))
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
@@ -507,7 +511,7 @@ def main(args):
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -527,7 +531,7 @@ def main(args):
             update = (it + 1) % accum == 0
             with fwd.no_sync() if d.world > 1 and not update else nullcontext():
                 with autocast:
-                    loss, extras = fwd(imgs, mask, input_ids)
+                    loss, extras = fwd(imgs, mask, input_ids, args.num_mask_patches)  # k: the masks' budget
                 scaler.scale(loss / accum).backward()
             logger.add(loss, bad_files, {'mlm_acc': extras['mlm_acc']})  # on the device until the next log step
             if not update:

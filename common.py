@@ -34,6 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FONT = ImageFont.load_default()
@@ -265,7 +268,7 @@ def check_args(args, models, positive=(), non_negative=()):
                              f'synthetic:2048')
     if len(getattr(args, 'input_size', None) or (0,)) not in (1, 2):  # None: the preset's size
         raise SystemExit(f'--input_size {" ".join(map(str, args.input_size))}: give one size or two (H W)')
-    if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):
+    if getattr(args, 'amp', None) not in (None, 'bf16', 'fp16', 'none'):
         raise SystemExit(f'--amp {args.amp} is not one of bf16, fp16, none')
     for names, ok, what in ((POSITIVE + tuple(positive), lambda v: v > 0, 'greater than 0'),
                             (NON_NEGATIVE + tuple(non_negative), lambda v: v >= 0, '0 or more'),
@@ -399,11 +402,12 @@ LOCKS = {}  # lock file -> its open file, held while this process runs
 
 
 def amp_setup(amp, device):
-    """bf16 autocast by default on CUDA, fp16 with a GradScaler on request, fp32 on the CPU."""
-    if device.type != 'cuda' or amp == 'none':
+    """(autocast, scaler) for --amp bf16, fp16 (+ GradScaler) or none (fp32); None: bf16 on CUDA, fp32 on the CPU."""
+    amp = amp or ('bf16' if device.type == 'cuda' else 'none')
+    if amp == 'none':
         return nullcontext(), torch.amp.GradScaler(enabled=False)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
-    return torch.autocast('cuda', dtype=dtype), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 class Preemption:
@@ -953,14 +957,45 @@ def kind(obj):
 # --------------------------------------------------------------------------- logging and pictures
 
 
+def peak_tflops(gpu_name):
+    """The dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s of a GPU, from NVIDIA's datasheets; 0: unknown."""
+    peaks = {'H100 PCIe': 756, 'H100 NVL': 835, 'H100': 989, 'H200 NVL': 835, 'H200': 989, 'GH200': 989, 'A100': 312,
+             'L40S': 362}  # the first found in gpu_name as a word: 'NVIDIA H100 80GB HBM3' is an H100 SXM
+    return next((v for k, v in peaks.items() if re.search(rf'\b{k}\b', gpu_name)), 0)
+
+
+def count_flops(module, *inputs):
+    """FLOPs (2 per multiply-add) of `module(*inputs)` and of the backward of its first output if that needs gradients
+    (a training loss), on fake tensors: nothing computed, the RNG untouched, no gradient kept; attention as matmuls."""
+    with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        out = module(*inputs)
+        if out[0].requires_grad:
+            out[0].backward()
+    module.zero_grad(set_to_none=True)  # the fake gradients
+    return c.get_total_flops()
+
+
+def report_flops(d, flops, global_batch, unit='img', **frozen):
+    """Print the training FLOPs per image and per optimizer step, a frozen network's forward (BEiT's tokenizer, MILAN's
+    teacher: GPU work too) split out. Returns the total per image, for the Logger's TFLOP/s and MFU."""
+    total = flops + sum(frozen.values())
+    if d.main:
+        print(f'train GFLOPs per {unit}: model {flops / 1e9:.4g} (forward + backward)' + ''.join(
+            f' + {k} {v / 1e9:.4g} (frozen, forward only: {v / flops:.0%} of the model)' for k, v in frozen.items())
+            + f' = {total / 1e9:.4g}; x {global_batch} per optimizer step = {total * global_batch / 1e12:.4g} TFLOP')
+    return total
+
+
 class Logger:
     """The training loop's bookkeeping between log steps, kept on the device (no per-step host sync): the loss sum,
     a method's own metric sums (e.g. BEiT's masked-token accuracy), micro-steps, unreadable files and the run of
     non-finite steps. `log_step` agrees across ranks on the averages and on preemption (one all-reduce), prints one
     line (ending in `note`, e.g. MILAN's random-teacher warning) and appends the record to output_dir/log.jsonl."""
 
-    def __init__(self, output_dir, d, step, unit='img', note=''):
+    def __init__(self, output_dir, d, step, unit='img', note='', flops=0.0):
         self.d, self.path, self.last_step, self.unit, self.note = d, Path(output_dir) / 'log.jsonl', step, unit, note
+        gpu = torch.cuda.get_device_name(d.device) if d.device.type == 'cuda' else ''
+        self.flops, self.peak = flops, peak_tflops(gpu)  # training FLOPs per image (report_flops), the GPU's peak
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
         self.loss_sum, self.micro, self.bad_files, self.new_bad = torch.zeros((), device=d.device), 0, set(), set()
         self.metrics = {}  # name -> device sum over micro-steps; every rank adds the same names
@@ -1002,10 +1037,16 @@ class Logger:
                    mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.d.device.type == 'cuda' else 0.0,
                    skipped=len(self.bad_files), bad_steps=int(self.bad_total.item()),
                    eta_s=dt / max(n, 1) * (total_steps - step))
+        if self.flops:  # achieved training FLOP/s per GPU; MFU against the GPU's dense bf16 peak when it is known
+            rec['tflops'] = self.flops * rec['img_per_s'] / self.d.world / 1e12
+            if self.peak:
+                rec['mfu'] = rec['tflops'] / self.peak
         if self.d.main:
             eta = rec['eta_s']
             print(f"ep {rec['epoch']} step {step}/{total_steps} " + ''.join(f'{k} {v:.4f} ' for k, v in avg.items())
-                  + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} "
+                  + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s "
+                  + (f"{rec['tflops']:.3g} TFLOP/s/GPU " if 'tflops' in rec else '')
+                  + (f"MFU {rec['mfu']:.1%} " if 'mfu' in rec else '') + f"data {rec['data_wait']:.0%} "
                   f"mem {rec['mem_gb']:.1f}G "
                   f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
                   f"{int(eta % 60):02d}{self.note}", flush=True)

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (Block, Evaluation, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio,
-                    check_readable, cosine_lr, finish, make_loader, normalize, optimizer_step, pair, parse_args,
-                    patchify, resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d,
-                    unpatchify, unwrap)
+                    check_readable, cosine_lr, count_flops, finish, make_loader, normalize, optimizer_step, pair,
+                    parse_args, patchify, report_flops, resume, save_grid, save_loss_curve, save_training_state,
+                    setup_run, sincos_1d, sincos_2d, unpatchify, unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -86,7 +86,7 @@ class Args:
     std: tuple = CC12M_STD  # ref image_normalization 'cc12m'
     num_workers: int = 16  # ref README --dataloader_n_workers
     seed: int = 42  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: a checkpoint of this file or the reference's Flax pickle
@@ -636,6 +636,8 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis = [torch.stack(t).to(d.device) for t in zip(*(dataset[(0, i % len(dataset))][0] for i in range(6)))]
     vis[0] = normalize(vis[0], mean, std)  # a fixed batch for the pictures
+    one = [v[:1] for v in vis] + ([u[None] for u in tokenizer.encode(lines[0], args.unpaired_len)] if lines else [])
+    flops = report_flops(d, count_flops(model, *one), args.global_batch, 'pair')  # one pair (+ one unpaired text)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -648,7 +650,7 @@ def main(args):
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -44,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
-                    save_training_state, setup_run, sincos_2d, unwrap)
+                    check_args, check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, load_checkpoint,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, report_flops, resume,
+                    save_grid, save_loss_curve, save_training_state, setup_run, sincos_2d, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -75,7 +75,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 10  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank; a random teacher uses seed alone
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the student
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MILAN release
@@ -254,8 +254,11 @@ def load_teacher(path, n_tokens, patch, in_chans):
 def attention_order(importance):
     """Semantic-aware sampling: patches ordered by weighted sampling without replacement, weights = the teacher's cls
     attention (fp32; global torch RNG); the first int(N(1-ratio)) stay visible, so high attention is kept more
-    often, not always. importance (B, N) -> ids_shuffle (B, N)"""
-    return torch.multinomial(importance.float(), importance.shape[1], replacement=False)
+    often, not always. Drawn as the reference's torch.multinomial(replacement=False) draws it, by an exponential race
+    (w / E, E ~ Exp(1), sorted descending: the Gumbel top-k trick, exact), without multinomial's input checks, which
+    synced the host until pytorch#134818 (2024). importance (B, N) -> ids_shuffle (B, N)"""
+    w = importance.float()
+    return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)
 
 
 def random_order(B, N, device):
@@ -492,6 +495,9 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    img = vis_imgs[:1]  # FLOPs of one image: the student's training step, the frozen teacher's forward
+    flops = report_flops(d, count_flops(model, img, *teacher(img), args.mask_ratio), args.global_batch,
+                         teacher=count_flops(teacher, img))
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -504,7 +510,8 @@ def main(args):
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
     # every log line says when the targets come from a random teacher
-    logger, saved, stop = Logger(out, d, step, note=' [RANDOM teacher]' if random_teacher else ''), step, None
+    note = ' [RANDOM teacher]' if random_teacher else ''
+    logger, saved, stop = Logger(out, d, step, note=note, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

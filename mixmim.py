@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, patchify, resume, save_grid, save_loss_curve,
-                    save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
+                    check_args, check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, patchify, report_flops, resume,
+                    save_grid, save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -67,7 +67,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 8  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MixMIM release
@@ -269,9 +269,9 @@ class MixMIM(nn.Module):
         """z (B, n, 8D) -> (2B, n, 32*32*C): rows [0, B) keep sample i's own-image tokens (mask tokens where image i
         was hidden), rows [B, 2B) keep its partner tokens (mask tokens elsewhere)."""
         y = self.decoder_embed(z)  # (B, n, Dd)
-        m = mask[..., None]  # (1, n, 1)
-        tok = self.mask_token.to(y.dtype)
-        y = torch.cat([torch.where(m, tok, y), torch.where(m, y, tok)]) + self.decoder_pos_embed  # (2B, n, Dd)
+        m = mask[..., None]  # (1, n, 1); the fp32 token is not cast: under autocast its gradient sums in fp32 (ref)
+        y = torch.cat([torch.where(m, self.mask_token, y), torch.where(m, y, self.mask_token)])  # (2B, n, Dd)
+        y = y + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             y = blk(y)
         return self.decoder_pred(self.decoder_norm(y))  # (2B, n, 32*32*C)
@@ -392,8 +392,9 @@ def main(args):
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
-    if d.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+    if d.world > 1:  # constant index buffers: no per-step broadcast
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
+                                                  broadcast_buffers=False)
 
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
@@ -406,6 +407,7 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], args.mask_ratio), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -416,7 +418,7 @@ def main(args):
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

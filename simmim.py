@@ -38,9 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Evaluation, Logger, Mlp, PatchEmbed,
-                    RelativePositionBias, accumulation, amp_setup, check_args, check_mask_ratio, drop_path, finish,
-                    image_dataset, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, resume,
-                    save_grid, save_loss_curve, save_training_state, setup_run, unwrap)
+                    RelativePositionBias, accumulation, amp_setup, check_args, check_mask_ratio, count_flops,
+                    drop_path, finish, image_dataset, make_loader, normalize, optimizer_step, pair, param_groups,
+                    parse_args, report_flops, resume, save_grid, save_loss_curve, save_training_state, setup_run,
+                    unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -72,7 +73,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref data_simmim.py Normalize
     num_workers: int = 8  # ref config.py DATA.NUM_WORKERS
     seed: int = 0  # ref config.py SEED; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference SimMIM pretraining release
@@ -293,8 +294,8 @@ class SwinForSimMIM(nn.Module):
 
     def forward(self, x, mask):
         x = self.patch_embed.norm(self.patch_embed(x))  # (B, N, C)
-        w = mask.flatten(1).unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked tokens replaced before anything else
+        w = mask.flatten(1).unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast
+        x = x * (1 - w) + self.mask_token * w  # the token's gradient sums in fp32; masked tokens replaced first of all
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # (B, N/64, 8C)
@@ -341,9 +342,9 @@ class ViTForSimMIM(nn.Module):
 
     def forward(self, x, mask):
         x = self.patch_embed(x)  # (B, N, D)
-        w = mask.flatten(1).unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+        w = mask.flatten(1).unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast
+        x = x * (1 - w) + self.mask_token * w  # the token's gradient sums in fp32 (in fp16: can overflow a GradScaler)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         bias = self.rel_pos_bias()  # (1, heads, 1+N, 1+N), shared by all blocks
         for blk in self.blocks:
             x = blk(x, bias)
@@ -483,6 +484,8 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], torch.zeros(1, H // patch, W // patch).bool()),
+                         args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -493,7 +496,7 @@ def main(args):
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

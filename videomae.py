@@ -53,9 +53,10 @@ import torch.nn as nn
 from PIL import Image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Evaluation, Logger, PatchEmbed, accumulation,
-                    amp_setup, check_args, check_mask_ratio, check_readable, cosine_lr, data_root, finish, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, patchify, read_or_next, resume,
-                    save_grid, save_loss_curve, save_training_state, scan, setup_run, to_mode, unpatchify, unwrap)
+                    amp_setup, check_args, check_mask_ratio, check_readable, cosine_lr, count_flops, data_root, finish,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify, read_or_next,
+                    report_flops, resume, save_grid, save_loss_curve, save_training_state, scan, setup_run, to_mode,
+                    unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -87,7 +88,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref GroupNormalize
     num_workers: int = 10  # ref run_mae_pretraining.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference pretraining checkpoint
@@ -485,6 +486,7 @@ def main(args):
     vis_clips = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(2)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_clips = normalize(vis_clips, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_clips[:1], args.mask_ratio), args.global_batch, 'clip')
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -495,7 +497,7 @@ def main(args):
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    logger, saved, stop = Logger(out, d, step, unit='clip'), step, None  # log.jsonl's img_per_s counts clips
+    logger, saved, stop = Logger(out, d, step, unit='clip', flops=flops), step, None  # img_per_s in log.jsonl: clips
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

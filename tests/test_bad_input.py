@@ -25,7 +25,7 @@ from PIL import Image
 import common
 from clitools import REPO, assert_same, env, load, ok, read_log, run_and_preempt, run_script
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan')
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa')
            if (REPO / f'{m}.py').exists()]
 VIDEO = {'videomae'}  # methods whose --data is a folder of videos
 
@@ -379,6 +379,7 @@ def test_unreadable_files_are_counted_once_each(method, tmp_path, restore_signal
     recs = read_log(out)
     assert [r['step'] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[-1]['skipped'] == 2, recs
     assert load(out / 'checkpoint.pth')['step'] == 6
+    assert all(r['tflops'] > 0 and 'mfu' not in r for r in recs)  # the FLOP count reaches the log (no GPU: no MFU)
 
 
 @pytest.mark.parametrize('method', METHODS)

@@ -194,12 +194,35 @@ def test_loss_is_cross_entropy_over_all_masked_tokens():
                 total -= F.log_softmax(model.lm_head(feats[b, i]).double(), -1)[ids[b, i]].item()
                 n += 1
     assert n == 21 and loss.item() == pytest.approx(total / n, rel=1e-5)
-    per_image = np.mean([F.cross_entropy(out['logits'][s:e], ids[mask][s:e]).item()
+    logits = out['logits'][out['valid']]  # (21, V): the masked tokens in row-major order (k = N: no padding cut)
+    per_image = np.mean([F.cross_entropy(logits[s:e], ids[mask][s:e]).item()
                          for s, e in ((0, 3), (3, 10), (10, 21))])
     assert abs(per_image - loss.item()) > 1e-4  # not a mean of per-image means
-    assert out['logits'].shape == (21, 32)
-    acc = (out['logits'].argmax(-1) == ids[mask]).float().mean()
+    assert out['logits'].shape == (3, 16, 32) and logits.shape == (21, 32)
+    acc = (logits.argmax(-1) == ids[mask]).float().mean()
     assert out['mlm_acc'].item() == pytest.approx(acc.item())
+
+
+def test_fixed_size_head_equals_boolean_indexing():
+    """The LM head on k gathered positions per image (a fixed shape) gives the loss, accuracy and gradients of the
+    LM head on x[mask] (a data-dependent shape, a host sync) to fp32 rounding, for any k >= the most masked."""
+    model = tiny().eval()
+    imgs, mask, ids = batch()
+    feats = model.forward_features(imgs, mask)[:, 1:]
+    logits = model.lm_head(feats[mask])  # (21, V): boolean indexing, row-major
+    ref = F.cross_entropy(logits, ids[mask])
+    ref_acc = (logits.argmax(-1) == ids[mask]).float().mean()
+    params = list(model.parameters())
+    ref_grads = torch.autograd.grad(ref, params)
+    for k in (11, 13, None):  # 11: the most masked (image 3); 13: padded; None: all 16
+        loss, out = model(imgs, mask, ids, k)
+        assert out['logits'].shape == (3, k or 16, 32) and out['valid'].sum() == 21
+        assert torch.equal(out['pos'][out['valid']].sort().values, mask.nonzero()[:, 1].sort().values)
+        torch.testing.assert_close(out['logits'][out['valid']], logits, rtol=1e-5, atol=1e-6)  # same rows, same order
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        assert out['mlm_acc'].item() == pytest.approx(ref_acc.item())
+        for g, r in zip(torch.autograd.grad(loss, params), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
 def test_loss_ignores_unmasked_positions():
@@ -211,8 +234,8 @@ def test_loss_ignores_unmasked_positions():
     # logits at unmasked positions never reach the loss: beit_loss on all-token logits after masking them away
     full = model.lm_head(model.forward_features(imgs, mask)[:, 1:])  # (B, N, V)
     noisy = torch.where(mask[..., None], full, full + 100 * torch.randn_like(full))
-    assert beit.beit_loss(noisy[mask], ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
-    assert beit.beit_loss(full[mask], ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert beit.beit_loss(noisy, ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert beit.beit_loss(full, ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
     # the masked patches' pixels are not seen: changing them leaves the loss unchanged (mask token replaces them)
     up = mask.view(3, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
     assert model(torch.where(up, torch.randn_like(imgs), imgs), mask, ids)[0].item() == pytest.approx(loss.item(),
