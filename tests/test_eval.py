@@ -15,8 +15,8 @@ from PIL import Image
 import common
 from clitools import REPO, assert_same, env, load, ok, read_log, run_script
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan')
-           if (REPO / f'{m}.py').exists()]
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa',
+                       'maskfeat') if (REPO / f'{m}.py').exists() and 'eval_data:' in (REPO / f'{m}.py').read_text()]
 
 
 # --------------------------------------------------------------------------- the measures
