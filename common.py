@@ -690,9 +690,11 @@ def save_checkpoint(path, obj):
 
 def load_weights(model, path):
     """--init: start from weights (our checkpoint or a reference release). Keys as the reference names them;
-    'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out."""
+    'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out.
+    SlowFast's .pyth files (MaskFeat) keep the weights under 'model_state'."""
     ckpt = load_checkpoint(path)
-    sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt.get('module', ckpt)).items()}
+    sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt)))
+    sd = {k.removeprefix('module.'): v for k, v in sd.items()}
     own = model.state_dict()
     shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     res = model.load_state_dict({k: v for k, v in sd.items() if k not in shape_mismatch}, strict=False)
