@@ -146,7 +146,9 @@ class HOG(nn.Module):
     """ref HOGLayerC(nbins=9, pool=8), Gaussian window off: per colour channel, Sobel gradients on the reflect-padded
     image, each pixel's whole magnitude into one of 9 unsigned 20-degree orientation bins (no interpolation),
     summed over 8x8 cells, L2-normalised over the bins of each (channel, cell). The normalisation cancels any
-    per-channel scale and the gradients any offset, so 0-1, 0-255 and normalised inputs give the same HOG."""
+    per-channel scale and the gradients any offset: 0-1, 0-255 and normalised inputs give the same HOG up to
+    rounding, which matters where a result is exactly 0 on 8-bit values (as in the reference, gx = 0 can become
+    +-noise and move a pixel between the neighbouring bins 8 and 0; a cell flat but for noise gets unit length)."""
 
     def __init__(self, in_chans=3, nbins=NBINS, cell=CELL):
         super().__init__()
