@@ -73,7 +73,7 @@ def test_banner(demo_run):
 def test_demo_flag_resolution():
     args = common.parse_args(mf.Args, ['--demo'], demo=mf.DEMO)
     assert (args.data, args.model, args.input_size, args.epochs, args.output_dir) == \
-        ('synthetic:2048', 'tiny', (128,), 6, 'output_maskfeat_demo')
+        ('synthetic:2048', 'tiny', (96,), 8, 'output_maskfeat_demo')
     assert (args.clip_grad, args.mask_ratio, args.warmup_lr) == (0.02, 0.4, 1e-6)  # the recipe, kept
     args = common.parse_args(mf.Args, ['--data', 'x'])
     assert (args.model, args.input_size, args.global_batch, args.blr) == ('base', (224,), 2048, 2e-4)
