@@ -351,7 +351,8 @@ def main(args):
               f'patches, up to {num_mask} masked in blocks of >= {num_mask // 5}; {len(dataset)} images, '
               f'{steps_per_epoch} steps/epoch; target: {model.pred_head.projections[0].out_features} HOG values/patch')
         print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
-              f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g} (warmup from {warmup_lr:g}, cosine to {min_lr:g})')
+              f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g} (warmup from {warmup_lr:g}, cosine to '
+              f'{min_lr:g})')
 
     vis = [dataset[(0, i % len(dataset))][0] for i in range(4)]  # a fixed batch and its epoch-0 masks
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
