@@ -6,7 +6,7 @@ configs/masked_ssl/in1k_VIT_{B,L}_MaskFeat_PT.yaml). A plain ViT sees every patc
 learned mask token, and regresses the Histograms of Oriented Gradients (HOG) of the masked patches: no tokenizer,
 no teacher, the target is a fixed function of the image computed on the device inside the step.
 
-    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images, CPU, ~2 min
+    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images, CPU, ~1.5 min
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/       # ViT-B/16 at 224, 1600 epochs
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/ --model large
 
