@@ -6,12 +6,12 @@ masked ones replaced by a learned mask token, and predicts the visual token (one
 each masked patch. `encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com/dall-e/encoder.pkl, downloaded
 once), read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
-    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT on its tokens, CPU, ~2 min
-    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, README IN-1k recipe
+    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT: 67 s of CPU time
+    torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, its README's IN-1k
     python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
 Deviations from the reference:
-- `--global_batch` (2048, README 16 GPUs x 128) derives the accumulation (reference: none); the lr is absolute.
+- `--global_batch` (2048, its README's 16 GPUs x 128) derives the accumulation (reference: none); lr is absolute.
 - bf16 autocast by default on CUDA, tokenizer included (reference: fp16 + GradScaler, tokenizer convs in fp16, its
   last conv in fp32); `--amp fp16` gives fp16 + GradScaler, `--amp none` fp32.
 - ColorJitter acts on the two resized views (same factors and order), not on the full image before the crop, so
@@ -24,6 +24,7 @@ Deviations from the reference:
 - The own tokenizer (`--stage tokenizer`) is ours, not the DALL-E tokenizer the paper used; it has no resume.
 """
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, PatchEmbed, RelativePositionBias,
-                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, finish, make_loader,
-                    normalize, optimizer_step, pair, param_groups, parse_args, random_resized_crop_params, resume,
-                    save_checkpoint, save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
+                    SyntheticImages, accumulation, amp_setup, check_args, check_readable, count_flops, finish,
+                    load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups, parse_args,
+                    random_resized_crop_params, report_flops, resume, save_checkpoint, save_grid, save_loss_curve,
+                    save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -52,32 +54,32 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, ImageFiles, Logger, Patc
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images, a couple of minutes on a CPU
+    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images: 67 s of CPU time
     stage: str = 'pretrain'  # pretrain | tokenizer (train the own dVAE -> output_dir/tokenizer/tokenizer.pth)
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
     output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl (loss, mlm_acc), vis_<epoch>.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref beit_{base,large}_patch16_224_8k_vocab)
-    input_size: tuple = (224,)  # H [W]; ref --input_size; the tokenizer sees 8 px per patch (ref 112)
+    input_size: Optional[tuple[int, ...]] = None  # H [W]; None: the preset's (ref 224, tiny 64); tokenizer: 8 px/patch
     num_mask_patches: int = 75  # ref --num_mask_patches (75 of 196)
     min_mask_patches_per_block: int = 16  # ref
     crop_scale: tuple = (0.08, 1.0)  # ref RandomResizedCropAndInterpolationWithTwoPic
-    drop_path: float = 0.1  # README
-    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; README); 0 = no layer scale
+    drop_path: float = 0.1  # ref README
+    layer_scale: Optional[float] = None  # None: the preset's (base 0.1, large 1e-5; ref README); 0 = none
     abs_pos_emb: bool = False  # ref --abs_pos_emb (the pt1k_800ep release: with --layer_scale 0; rel table left 0)
-    batch_size: int = 128  # per GPU; README
-    global_batch: int = 2048  # README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
-    epochs: int = 800  # README IN-1k
-    warmup_epochs: int = 10  # README
-    lr: float = 1.5e-3  # README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
+    batch_size: int = 128  # per GPU; ref README
+    global_batch: int = 2048  # ref README 16 x 128; accum_iter = global_batch / (batch_size x GPUs)
+    epochs: int = 800  # ref README IN-1k
+    warmup_epochs: int = 10  # ref README
+    lr: float = 1.5e-3  # ref README; absolute, NOT scaled by the batch (ref run_beit_pretraining.py)
     min_lr: float = 1e-5  # ref argparse
     weight_decay: float = 0.05  # ref
     betas: tuple = (0.9, 0.999)  # ref argparse
-    clip_grad: float = 3.0  # README
-    mean: tuple = IMAGENET_MEAN  # README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
+    clip_grad: float = 3.0  # ref README
+    mean: tuple = IMAGENET_MEAN  # ref README IN-1k --imagenet_default_mean_and_std (ref default and IN-22k: 0.5)
     std: tuple = IMAGENET_STD  # as mean
     num_workers: int = 10  # ref
     seed: int = 0  # data and masks use (seed, epoch, index)
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference BEiT pretraining release
@@ -86,6 +88,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref save_ckpt_freq: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
     vocab_size: int = 8192  # own tokenizer: codebook size (DALL-E: 8192)
     tok_width: int = 128  # own tokenizer: conv width; ours
     tok_epochs: int = 20  # own tokenizer: epochs; ours
@@ -94,8 +97,9 @@ class Args:
     kl_weight: float = 0.05  # own tokenizer: weight of KL(q || uniform) (keeps more codes in use); ours
 
 
-# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py, README
+# name: (patch, D, depth, heads, layer scale)  ref modeling_pretrain.py and README
 MODELS = {'tiny': (8, 128, 4, 4, 0.1), 'base': (16, 768, 12, 12, 0.1), 'large': (16, 1024, 24, 16, 1e-5)}
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), num_mask_patches=24, min_mask_patches_per_block=4,
             crop_scale=(0.35, 1.0), batch_size=64, global_batch=64, epochs=4, warmup_epochs=1, lr=2e-3, num_workers=2,
             output_dir='output_beit_demo', log_every=4, vocab_size=64, tok_width=32, tok_epochs=8, tok_lr=3e-3)
@@ -138,22 +142,19 @@ class TwoViews(ImageFiles):
     uint8 (3, 8gh, 8gw), bool (N,)), label, bad); ImageFiles skips bad files and seeds the item's rng."""
 
     def __init__(self, args, grid):
+        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
+        self.src = None
         if args.data.startswith('synthetic'):
             self.src = SyntheticImages(int((args.data + ':10000').split(':')[1]), args.input_size, 3, args.seed)
-            self.files, self.labels, self.seed = range(len(self.src)), [0] * len(self.src), args.seed
-            self.warned = set()
+            self.files, self.labels, self.seed, self.warned = range(len(self.src)), [0] * self.src.n, args.seed, set()
         else:
             super().__init__(args.data, args.input_size, seed=args.seed)
-            self.src = None
-        self.size, self.tok_size, self.grid, self.args = pair(args.input_size), (8 * grid[0], 8 * grid[1]), grid, args
-        if self.src is None:
             check_readable(self, 'image')  # stops with one line when no file can be read
 
     def load(self, idx, rng):
-        a = self.args
         img = Image.fromarray(self.src[idx][0].permute(1, 2, 0).numpy()) if self.src else Image.open(self.files[idx])
         W0, H0 = img.size
-        top, left, h, w = random_resized_crop_params(W0, H0, a.crop_scale, (3 / 4, 4 / 3), rng)  # timm's 10 tries
+        top, left, h, w = random_resized_crop_params(W0, H0, self.args.crop_scale, (3 / 4, 4 / 3), rng)  # 10 tries
         if img.format == 'JPEG':  # decode at reduced size while the crop still covers the output size
             img.draft('RGB', (math.ceil(W0 * self.size[1] / w), math.ceil(H0 * self.size[0] / h)))
         img = to_mode(img, 3)
@@ -167,7 +168,7 @@ class TwoViews(ImageFiles):
             views = [enhance(v).enhance(factors[k]) for v in views]
         flip = rng.random() < 0.5
         views = [torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1) for v in views]  # (3, H, W) each
-        mask = block_mask(rng, self.grid, a.num_mask_patches, a.min_mask_patches_per_block)  # ref max per block: None
+        mask = block_mask(rng, self.grid, self.args.num_mask_patches, self.args.min_mask_patches_per_block)  # max: None
         return *[v.flip(-1) if flip else v for v in views], torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
 # --------------------------------------------------------------------------- tokenizer (DALL-E dVAE encoder)
@@ -229,11 +230,10 @@ class DVAE(nn.Module):
 
     def __init__(self, vocab, w):
         super().__init__()
-        conv, convt = (lambda i, o: nn.Conv2d(i, o, 4, 2, 1)), (lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1))
-        self.encoder = nn.Sequential(conv(3, w), nn.ReLU(), conv(w, w), nn.ReLU(), conv(w, w), nn.ReLU(),
-                                     nn.Conv2d(w, vocab, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), nn.ReLU(), convt(w, w), nn.ReLU(), convt(w, w), nn.ReLU(),
-                                     convt(w, 3))
+        down = lambda i, o: [nn.Conv2d(i, o, 4, 2, 1), nn.ReLU()]  # noqa: E731
+        up = lambda i, o: [nn.ReLU(), nn.ConvTranspose2d(i, o, 4, 2, 1)]  # noqa: E731
+        self.encoder = nn.Sequential(*down(3, w), *down(w, w), *down(w, w), nn.Conv2d(w, vocab, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(vocab, w, 1), *up(w, w), *up(w, w), *up(w, 3))
         self.vocab = vocab
 
     @torch.no_grad()
@@ -254,38 +254,32 @@ def visual_tokens(tokenizer, x):  # (B, 3, 8h, 8w) in [0.1, 0.9] -> (B, h*w): ar
     return (tokenizer.encoder if isinstance(tokenizer, DVAE) else tokenizer)(x).argmax(1).flatten(1)
 
 
-class PickledModule(nn.Module):
-    """Stands in for each module class of a pickled dall_e encoder: gets its attributes, so state_dict() works."""
-
-
-PICKLED = ('dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d',
-           'torch.nn.modules.container.Sequential', 'torch.nn.modules.activation.ReLU',
-           'torch.nn.modules.pooling.MaxPool2d', 'torch.nn.modules.linear.Identity')
+PICKLED = ['dall_e.encoder.Encoder', 'dall_e.encoder.EncoderBlock', 'dall_e.utils.Conv2d'] + [f'torch.nn.modules.{m}'
+           for m in ('container.Sequential', 'activation.ReLU', 'pooling.MaxPool2d', 'linear.Identity')]
 
 
 def load_tokenizer(path):
-    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl: torch's
-    weights_only unpickler, the classes above mapped to PickledModule), our tokenizer.pth, or an Encoder state dict."""
+    """The frozen tokenizer: 'random' (DALL-E sized, random weights), a pickled dall_e Encoder (encoder.pkl:
+    torch's weights_only unpickler, each PICKLED class as a bare nn.Module), our tokenizer.pth, or its state dict."""
     if path == 'random':
         return Encoder()
-    if not Path(path).is_file():
-        raise SystemExit(f'--tokenizer {path}: no such file')
+    with torch.serialization.safe_globals([(nn.Module, name) for name in PICKLED]):  # attributes only, no code
+        try:
+            obj = load_checkpoint(path, '--tokenizer')  # weights_only; one line for a missing, cut or foreign file
+        except SystemExit as e:  # decoder.pkl, the other half of the DALL-E dVAE, is named
+            raise SystemExit(f'--tokenizer {path}: the DALL-E decoder; give the encoder, encoder.pkl'
+                             if 'dall_e.decoder.' in str(e.code) else e.code) from None
+    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj) if isinstance(obj, dict) else {}
+    sd = {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
     try:
-        with torch.serialization.safe_globals([(PickledModule, name) for name in PICKLED]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f'--tokenizer {path}: not a DALL-E encoder.pkl nor a tokenizer state dict (refused: '
-                         f'{type(e).__name__}: {str(e).splitlines()[0][:300]})')
-    sd = obj.state_dict() if isinstance(obj, nn.Module) else obj.get('model', obj)
-    if 'decoder.0.weight' in sd:  # our tokenizer.pth
-        tok = DVAE(sd['decoder.0.weight'].shape[1], sd['decoder.0.weight'].shape[0])
-    elif 'blocks.input.w' in sd:  # the DALL-E encoder
-        (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
-        n_blk = sum(k.startswith('blocks.group_1.') and k.endswith('conv_1.w') for k in sd)
-        tok = Encoder(n_hid, n_blk, vocab, in_chans)
-    else:
-        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})')
-    tok.load_state_dict({k: v.float() for k, v in sd.items()})
+        if 'decoder.0.weight' in sd:  # our tokenizer.pth: (width, vocab, 1, 1)
+            tok = DVAE(*sd['decoder.0.weight'].shape[1::-1])
+        else:  # the DALL-E encoder
+            (n_hid, in_chans), vocab = sd['blocks.input.w'].shape[:2], sd['blocks.output.conv.w'].shape[0]
+            tok = Encoder(n_hid, sum(k.endswith('res_path.conv_1.w') for k in sd) // 4, vocab, in_chans)  # 4 groups
+        tok.load_state_dict(sd)
+    except Exception:  # tensors missing or of other shapes
+        raise SystemExit(f'--tokenizer {path}: no DALL-E encoder or dVAE tensors (keys like {list(sd)[:3]})') from None
     return tok.requires_grad_(False).eval()
 
 # --------------------------------------------------------------------------- model
@@ -300,7 +294,7 @@ def trunc_normal_1sigma(t, std=0.02):
 
 class BEiT(nn.Module):
     """VisionTransformerForMaskedImageModeling with the reference's names: q/v biases, layer scale, one shared
-    relative position bias (no absolute positions by default), lm_head over the masked positions only."""
+    relative position bias (no absolute positions by default), lm_head over the masked positions only (no host sync)."""
 
     def __init__(self, img_size, patch, dim, depth, heads, vocab=8192, drop_path=0.1, init_values=0.1,
                  abs_pos_emb=False):
@@ -327,21 +321,23 @@ class BEiT(nn.Module):
 
     def forward_features(self, imgs, mask):
         x = self.patch_embed(imgs)  # (B, N, D)
-        w = mask.unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked patches -> mask token, before cls is added
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
+        w = mask.unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast the token's
+        x = x * (1 - w) + self.mask_token * w  # gradient is summed in fp32 (in fp16 it can overflow a GradScaler)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = x if self.pos_embed is None else x + self.pos_embed
         bias = self.rel_pos_bias()  # (1, heads, 1+N, 1+N)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)  # (B, 1+N, D)
 
-    def forward(self, imgs, mask, input_ids):  # imgs (B, 3, H, W) normalised; mask, input_ids (B, N)
-        logits = self.lm_head(self.forward_features(imgs, mask)[:, 1:][mask])  # (N_mask_total, V), row-major
-        loss = beit_loss(logits, input_ids, mask)
-        acc = (logits.argmax(-1) == input_ids[mask]).float().sum() / mask.sum().clamp(min=1)
-        return loss, {'logits': logits, 'mlm_acc': acc}
+    def forward(self, imgs, mask, input_ids, k=None):  # imgs (B, 3, H, W) normalised; mask, input_ids (B, N)
+        # the LM head sees k positions per image, the masked first (k >= the most masked: --num_mask_patches; None: N)
+        pos = mask.byte().argsort(dim=1, descending=True, stable=True)[:, :k]  # (B, k): a shape the mask never changes
+        x = self.forward_features(imgs, mask)[:, 1:]  # (B, N, D)
+        logits = self.lm_head(x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1])))  # (B, k, V)
+        valid, labels = mask.gather(1, pos), input_ids.gather(1, pos)  # (B, k) each
+        acc = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp(min=1)
+        return beit_loss(logits, labels, valid), {'logits': logits, 'pos': pos, 'valid': valid, 'mlm_acc': acc}
 
 
 def encoder_state_dict(model):
@@ -351,11 +347,10 @@ def encoder_state_dict(model):
 # --------------------------------------------------------------------------- loss (paper Sec. 2.5)
 
 
-def beit_loss(logits, input_ids, mask):
-    """Cross-entropy over ALL masked tokens of the batch (images with more masked patches weigh more).
-    logits (N_mask_total, V) in row-major order of mask (B, N); input_ids (B, N)."""
-    labels = input_ids[mask]  # (N_mask_total,)
-    return F.cross_entropy(logits.float(), labels, reduction='sum') / max(labels.numel(), 1)
+def beit_loss(logits, labels, valid):
+    """Cross-entropy over ALL masked tokens of the batch (more masked patches weigh more): mean over `valid` ones."""
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction='none')  # (B*k,) of (B, k, V)
+    return torch.where(valid.flatten(), ce, 0).sum() / valid.sum().clamp(min=1)
 
 # --------------------------------------------------------------------------- pictures
 
@@ -368,7 +363,7 @@ def visualize(model, tokenizer, batch, args, path):
     model.eval()
     ids = visual_tokens(tokenizer, map_pixels(tok_imgs))  # (B, N)
     _, out = model(normalize(imgs, args.mean, args.std), mask, ids)
-    pred = ids.masked_scatter(mask, out['logits'].argmax(-1))  # (B, N): predictions at the masked patches
+    pred = torch.where(mask, ids.scatter(1, out['pos'], out['logits'].argmax(-1)), ids)  # (B, N): predicted at mask
     p, (gh, gw) = model.patch_embed.patch_size, model.grid
     up = lambda m: m.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # noqa: E731
     orig = imgs.float() / 255
@@ -379,61 +374,41 @@ def visualize(model, tokenizer, batch, args, path):
     hit = torch.tensor([0.1, 0.8, 0.1], device=imgs.device).view(1, 3, 1, 1)  # green right, red wrong:
     colour = torch.where(up(pred == ids), hit, hit[:, [1, 0, 2]])
     cols.append(('token right (green)\n/ wrong (red)', torch.where(up(mask), 0.5 * orig + 0.5 * colour, 0.3 * orig)))
-    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (chance {1 / tokenizer.vocab:.4f})')
+    top = (torch.bincount(ids[mask]).max() / mask.sum()).item()  # accuracy of always guessing the commonest code
+    save_grid(path, cols, f'masked-token accuracy {out["mlm_acc"].item():.3f} (always the commonest code {top:.3f}, '
+                          f'chance {1 / tokenizer.vocab:.4f})')
     model.train(was_training)
 
 # --------------------------------------------------------------------------- training
 
 
-def check(args):
-    """The shared checks and the method's own, before any work; returns the patch grid."""
-    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
-                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
-    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
-    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
-        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
-                         f'{patch} of --model {args.model}')
-    N = (H // patch) * (W // patch)
-    if args.stage == 'pretrain' and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
-        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
-                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
-    if args.stage == 'pretrain' and args.tokenizer is None:
-        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
-    return H // patch, W // patch
-
-
-def train_tokenizer(args):
-    """--stage tokenizer: train the file's own dVAE on the tokenizer view (8 px per patch); writes tokenizer.pth."""
-    grid = check(args)
-    d, out = setup_run(args)
-    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total = min(args.tok_epochs * steps_per_epoch, args.max_steps or math.inf)
+def train_tokenizer(args, d, loader, sampler):
+    """The own dVAE on the tokenizer view (8 px per patch); rank 0 writes output_dir/tokenizer/tokenizer.pth."""
+    (out := Path(args.output_dir) / 'tokenizer').mkdir(exist_ok=True)
+    per_epoch, scaler = len(sampler) // args.batch_size, torch.amp.GradScaler(enabled=False)  # steps per epoch; fp32
+    total = min(args.tok_epochs * per_epoch, args.max_steps or math.inf)
     vae = DVAE(args.vocab_size, args.tok_width).to(d.device)
     optimizer = torch.optim.Adam(params := list(vae.parameters()), lr=args.tok_lr, fused=True)
     fwd = nn.parallel.DistributedDataParallel(vae) if d.world > 1 else vae
-    if d.main:
-        print(f'tokenizer: own dVAE (NOT the DALL-E tokenizer of the paper), vocab {args.vocab_size}, width '
-              f'{args.tok_width}, {8 * grid[0]}x{8 * grid[1]} px; {len(dataset)} images, {steps_per_epoch} steps/epoch')
-    logger, step, scaler, (t0, t1) = Logger(out, d, 0), 0, torch.amp.GradScaler(enabled=False), args.tok_temp  # fp32
+    logger, step, (t0, t1) = Logger(out, d, 0, note=' [own dVAE, NOT the DALL-E tokenizer]'), 0, args.tok_temp
     while step < total:
-        sampler.set_epoch(step // steps_per_epoch)
+        sampler.set_epoch(step // per_epoch)
         for (_, tok_imgs, _), _, bad_files in itertools.islice(loader, total - step):
             temp = t1 + 0.5 * (t0 - t1) * (1 + math.cos(math.pi * step / total))  # Gumbel temperature, cosine
             loss, ex = fwd(map_pixels(tok_imgs.to(d.device)), temp, args.kl_weight)
             loss.backward()
-            logger.add(ex['rec_loss'], bad_files)  # the logged loss is the reconstruction MSE
+            logger.add(ex['rec_loss'], bad_files, {'temp': loss.new_tensor(temp)})  # loss: the reconstruction MSE
             logger.stepped(optimizer_step(optimizer, scaler, params)[1])
             step += 1
-            if step % args.log_every == 0 or step == total:  # the 'lr' field holds the temperature
-                logger.log_step(step / steps_per_epoch, step, total, temp, args.batch_size * d.world,
+            if step % args.log_every == 0 or step == total:
+                logger.log_step(step / per_epoch, step, total, args.tok_lr, args.batch_size * d.world,
                                 args.max_bad_steps)
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-    if d.world > 1:
+    if d.world > 1 and args.stage == 'tokenizer':  # --stage tokenizer: the run ends here
         dist.destroy_process_group()
-    return vae
+    return vae.requires_grad_(False).eval()
 
 
 def lr_at(step, lr, min_lr, warmup_steps, total_steps):
@@ -444,35 +419,50 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
 
 
 def main(args):
-    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # where --stage tokenizer (and the demo) write it
-    if args.stage == 'tokenizer' or args.demo and args.tokenizer is None and not tok.exists():
-        vae = train_tokenizer(dataclasses.replace(args, stage='tokenizer', output_dir=str(tok.parent)))
-        if args.stage == 'tokenizer':
-            return vae
-    if args.demo and args.tokenizer is None:  # the demo trains its own tokenizer first (once)
-        args = dataclasses.replace(args, tokenizer=str(tok))
-    grid = check(args)
-    d, out = setup_run(args)  # process group, seeds + rank, output folder
-    tokenizer = load_tokenizer(args.tokenizer).to(d.device)  # frozen, not in the optimizer
-    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
-    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
-                 else args.layer_scale, args.abs_pos_emb).to(d.device)
-
-    accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
-    dataset = TwoViews(args, grid)
-    loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
+    check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
+                                       'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
+    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
+    if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
+        raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
+                         f'{patch} of --model {args.model}')
+    grid, N, pretrain = (H // patch, W // patch), (H // patch) * (W // patch), args.stage == 'pretrain'
+    if pretrain and not args.min_mask_patches_per_block <= args.num_mask_patches < N:
+        raise SystemExit(f'--num_mask_patches {args.num_mask_patches}: give --min_mask_patches_per_block '
+                         f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
+    tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # --stage tokenizer's; the demo trains it once
+    own = not pretrain or args.demo and args.tokenizer is None and not tok.exists()
+    args = dataclasses.replace(args, tokenizer=args.tokenizer or (str(tok) if args.demo else None))
+    if pretrain and args.tokenizer is None:
+        raise SystemExit('give --tokenizer: DALL-E encoder.pkl, or the tokenizer.pth of `--stage tokenizer`')
+    torch.manual_seed(args.seed)  # a random tokenizer: the same on every rank and restart
+    tokenizer = None if own else load_tokenizer(args.tokenizer)  # frozen, not in the optimizer
+    d, out = setup_run(args if pretrain else dataclasses.replace(args, output_dir=str(tok.parent)))
+    accum = accumulation(args, d) if pretrain else 1  # per-GPU x GPUs x accum = the global batch
+    loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
     steps_per_epoch = iters_per_epoch // accum
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    tokenizer = train_tokenizer(args, d, loader, sampler) if own else tokenizer.to(d.device)
+    if not pretrain:
+        return tokenizer
+    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
+    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
+                 else args.layer_scale, args.abs_pos_emb).to(d.device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
                                   lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
+    weights = b''.join(v.float().cpu().numpy().tobytes() for v in tokenizer.state_dict().values())
+    fp = optimizer.param_groups[0]['tokenizer'] = hashlib.sha256(weights).hexdigest()[:16]  # saved with the optimizer
     autocast, scaler = amp_setup(args.amp, d.device)
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
+    if optimizer.param_groups[0].setdefault('tokenizer', fp) != fp:  # its targets were another tokenizer's tokens
+        raise SystemExit(f'{"--resume" if args.resume else "resuming"} {args.resume or out / "checkpoint.pth"}: made '
+                         f'with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant index buffer: no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
@@ -488,6 +478,9 @@ def main(args):
               f'epochs from 0, cosine to {args.min_lr:g}')
 
     vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][0] for i in range(8)])]
+    img, tok_img, m = (t[:1].float() for t in vis)  # FLOPs of one image, k = the mask budget; the dVAE: its encoder
+    flops = report_flops(d, count_flops(model, img, m.bool(), m.long(), args.num_mask_patches), args.global_batch,
+                         tokenizer=count_flops(getattr(tokenizer, 'encoder', tokenizer), tok_img))
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
@@ -496,7 +489,7 @@ def main(args):
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-token accuracy
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -516,7 +509,7 @@ def main(args):
             update = (it + 1) % accum == 0
             with fwd.no_sync() if d.world > 1 and not update else nullcontext():
                 with autocast:
-                    loss, extras = fwd(imgs, mask, input_ids)
+                    loss, extras = fwd(imgs, mask, input_ids, args.num_mask_patches)  # k: the masks' budget
                 scaler.scale(loss / accum).backward()
             logger.add(loss, bad_files, {'mlm_acc': extras['mlm_acc']})  # on the device until the next log step
             if not update:

@@ -4,20 +4,27 @@ Nothing here is the idea of a paper: masking, losses, targets and the training l
 Copy this file together with one method file and it runs.
 """
 import argparse
+import atexit
 import collections
 import dataclasses
+import errno
+import fcntl
 import inspect
 import json
 import math
 import os
 import random
 import re
+import select
 import signal
+import socket
 import sys
+import threading
 import time
 import typing
 import zipfile
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FONT = ImageFont.load_default()
@@ -195,13 +205,14 @@ class RelativePositionBias(nn.Module):
 def parse_args(Args, argv=None, demo=None):
     """Every field of the dataclass `Args` becomes a flag (`--name`; bools get `--no-name`; tuples take several
     values); the comment after a field is its help. `--demo` fills the fields of `demo` that were not given."""
-    hints, src = typing.get_type_hints(Args), inspect.getsource(Args)
+    hints, src, module = typing.get_type_hints(Args), inspect.getsource(Args), sys.modules[Args.__module__]
     helps = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.*)$', src, re.M))
-    parser = argparse.ArgumentParser(description=(sys.modules[Args.__module__].__doc__ or '').split('\n')[0],
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=(module.__doc__ or '').split('\n')[0], epilog=presets(module),
+                                     argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
         t, default, h = hints[f.name], f.default, helps.get(f.name, '')
-        h = f'{h} (default: {default})'
+        h = f'{h} (default: {default})'.replace('%', '%%')  # argparse formats help with %
         if t is bool:
             parser.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
         else:
@@ -212,18 +223,31 @@ def parse_args(Args, argv=None, demo=None):
             else:
                 parser.add_argument(f'--{f.name}', type=inner, help=h)
     given = vars(parser.parse_args(argv))
-    if given.get('demo') and demo:
-        given = {**demo, **given}
+    if given.get('demo') and demo:  # under torchrun the demo's global batch is split over the processes
+        world, total = int(os.environ.get('WORLD_SIZE', 1)), given.get('global_batch', demo.get('global_batch', 1))
+        split = {'batch_size': max(1, min(demo['batch_size'], total // world))} if 'batch_size' in demo else {}
+        given = {**demo, **split, **given}
     args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     if hasattr(args, 'data') and not args.data:
         parser.error('no data: give --data PATH (an image folder, or "synthetic"), or --demo for a quick CPU run')
     return args
 
 
+def presets(module):
+    """--help's list of the file's model presets (its MODELS, under the comment that names their fields)."""
+    models = getattr(module, 'MODELS', {})
+    legend = re.search(r'((?:^#.*\n)*)^MODELS\b', inspect.getsource(module), re.M) if models else None
+    fields = ' '.join(line.lstrip('# ') for line in legend.group(1).splitlines()) if legend else ''
+    return 'presets for --model' + (f' ({fields})' if fields else '') + ':\n' + '\n'.join(
+        f'  {name}: ' + (' '.join(f'{k}={x}' for k, x in v.items()) if isinstance(v, dict) else str(v))
+        for name, v in models.items())
+
+
 # Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
 POSITIVE = ('batch_size', 'global_batch', 'epochs', 'input_size', 'log_every', 'save_every', 'keep_every',
-            'max_bad_steps', 'blr', 'lr', 'std')
-NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps')
+            'max_bad_steps', 'blr', 'lr', 'std', 'dist_timeout')
+NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps',
+                'seed')
 BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
 
 
@@ -233,7 +257,16 @@ def check_args(args, models, positive=(), non_negative=()):
     length. Fields an Args does not have are not checked."""
     if args.model not in models:
         raise SystemExit(f'--model {args.model} is not one of {", ".join(models)}')
-    if getattr(args, 'amp', 'none') not in ('bf16', 'fp16', 'none'):
+    for name, value in vars(args).items():  # inf or nan in any number: a run that trains NaN weights
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise SystemExit(f'--{name} {value if not isinstance(value, tuple) else " ".join(map(str, value))}: must be '
+                             f'a finite number')
+    data = getattr(args, 'data', None) or ''
+    if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
+        raise SystemExit(f'--data {data}: give synthetic or synthetic:N with N a number of images, e.g. synthetic:2048')
+    if len(getattr(args, 'input_size', None) or (0,)) not in (1, 2):  # None: the preset's size
+        raise SystemExit(f'--input_size {" ".join(map(str, args.input_size))}: give one size or two (H W)')
+    if getattr(args, 'amp', None) not in (None, 'bf16', 'fp16', 'none'):
         raise SystemExit(f'--amp {args.amp} is not one of bf16, fp16, none')
     for names, ok, what in ((POSITIVE + tuple(positive), lambda v: v > 0, 'greater than 0'),
                             (NON_NEGATIVE + tuple(non_negative), lambda v: v >= 0, '0 or more'),
@@ -263,32 +296,63 @@ def check_mask_ratio(ratio, n_hidden, n, unit, all_ok=False):
 # --------------------------------------------------------------------------- distributed
 
 
-def init_distributed():
-    """torchrun (single or multi-node) sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python x.py` is one process."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
+def dist_env():
+    """(world, rank, local rank) from torchrun's variables, checked: a stale or partial set stops with one line."""
+    try:
+        world, rank, local = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
+    except ValueError as e:
+        raise SystemExit(f'WORLD_SIZE/RANK/LOCAL_RANK must be numbers ({e}): start with torchrun, or unset them')
+    vars_ = ' '.join(f'{k}={os.environ[k]}' for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK') if k in os.environ)
+    if not (0 <= rank < world and 0 <= local):
+        raise SystemExit(f'{vars_}: no such process in a job of {world}; start with torchrun, or unset these variables '
+                         f'to run as one process')
+    if world > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
+        raise SystemExit(f'{vars_} are set but MASTER_ADDR/MASTER_PORT are not: start with torchrun (it sets them all), '
+                         f'or unset these variables to run as one process')
+    return world, rank, local
+
+
+def init_distributed(timeout_min=10):
+    """torchrun (single or multi-node) sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python x.py` is one process. Meeting the
+    other processes, and every collective after, waits at most `timeout_min` minutes (--dist_timeout)."""
+    world, rank, local = dist_env()
     device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None)
+    if world > 1 and not dist.is_initialized():  # once per process: a second group in one torchrun job can hang
+        where = f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
+        if rank == 0 and 'TORCHELASTIC_RUN_ID' not in os.environ:  # launched by hand: say what it waits for
+            print(f'waiting up to {timeout_min:g} min (--dist_timeout) for the {world} processes to meet at {where}')
+        try:
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=timeout_min),
+                                    device_id=device if device.type == 'cuda' else None)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f'process {rank} of {world}: the others did not meet at {where} within {timeout_min:g} min '
+                             f'(--dist_timeout): {str(e).splitlines()[0]}') from None
     return SimpleNamespace(rank=rank, local_rank=local, world=world, device=device, main=rank == 0)
 
 
 def setup_run(args):
     """The process group, per-rank seeds (data and masks differ across ranks), the output folder and TF32 matmuls
     on CUDA. Returns (d, output_dir)."""
+    world, rank, _ = dist_env()
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise SystemExit(f'--output_dir {out} is a file, not a folder')
     try:  # every rank checks (they may be on different nodes); a shared folder is what resume needs
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f'.write_test_{os.environ.get("RANK", 0)}'
+        probe = out / f'.write_test_{rank}'
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as e:
         raise SystemExit(f'--output_dir {out} cannot be written: {e.strerror or e}') from None
-    d = init_distributed()
+    if rank == 0:
+        lock_output(out)
+    try:
+        d = init_distributed(getattr(args, 'dist_timeout', 10))
+    except SystemExit:
+        release_output(out)
+        raise
     torch.manual_seed(args.seed + d.rank)
     random.seed(args.seed + d.rank)
     if d.device.type == 'cuda':
@@ -297,12 +361,51 @@ def setup_run(args):
     return d, out
 
 
+def lock_output(out):
+    """Rank 0 holds a lock on output_dir/.lock (the file says "pid host") while it runs, so a second run on the folder
+    stops instead of interleaving its log and checkpoints. The system drops the lock when its process dies."""
+    path, me = out.resolve() / '.lock', f'{os.getpid()} {socket.gethostname()}'
+    while path not in LOCKS:
+        f = open(path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            pid, _, host = f.read().strip().partition(' ')
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise SystemExit(f'--output_dir {out} is in use by process {pid} on {host} (its lock {path}): wait for '
+                                 f'that run to end, or give another --output_dir') from None
+            print(f'note: {path} cannot be locked on this file system ({e.strerror}): runs are not kept apart')
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # not removed meanwhile
+            f.seek(0)
+            old = f.read().strip()
+            if old and old != me:
+                print(f'note: taking over {path} from process {old} (pid host), which ended without releasing it')
+            f.seek(0)
+            f.truncate()
+            f.write(me)
+            f.flush()
+            LOCKS[path] = f
+            atexit.register(release_output, out)
+
+
+def release_output(out):
+    path = Path(out).resolve() / '.lock'
+    if path in LOCKS:
+        path.unlink(missing_ok=True)
+        LOCKS.pop(path).close()
+
+
+LOCKS = {}  # lock file -> its open file, held while this process runs
+
+
 def amp_setup(amp, device):
-    """bf16 autocast by default on CUDA, fp16 with a GradScaler on request, fp32 on the CPU."""
-    if device.type != 'cuda' or amp == 'none':
+    """(autocast, scaler) for --amp bf16, fp16 (+ GradScaler) or none (fp32); None: bf16 on CUDA, fp32 on the CPU."""
+    amp = amp or ('bf16' if device.type == 'cuda' else 'none')
+    if amp == 'none':
         return nullcontext(), torch.amp.GradScaler(enabled=False)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
-    return torch.autocast('cuda', dtype=dtype), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 class Preemption:
@@ -314,6 +417,13 @@ class Preemption:
         self.flag = False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.handle)
+        global WATCHDOG
+        if WATCHDOG is None:  # once per process
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w)
+            WATCHDOG = threading.Thread(target=watchdog, args=(r, os.getppid()), daemon=True)
+            WATCHDOG.start()
 
     def handle(self, sig, frame):
         if sig == signal.SIGINT:
@@ -321,6 +431,26 @@ class Preemption:
                 raise KeyboardInterrupt
             print('interrupted: saving at the next log step (Ctrl-C again stops without saving)', file=sys.stderr)
         self.flag = True
+
+
+WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+def watchdog(fd, parent):
+    """A thread that ends the process when the main thread cannot act, e.g. blocked in a collective whose peer is gone:
+    on a second signal 5 s or more after the first (not the copy torchrun forwards of a signal to the whole group),
+    or when the torchrun that started the process has died (an orphaned rank would otherwise wait forever)."""
+    first, why = None, None
+    while why is None:
+        if select.select([fd], [], [], 5)[0] and STOP_SIGNALS & set(os.read(fd, 512)):  # signal numbers, one a byte
+            first = first or time.monotonic()
+            why = 'second signal: stopping now, without saving' if time.monotonic() - first >= 5 else None
+        if 'TORCHELASTIC_RUN_ID' in os.environ and os.getppid() != parent:
+            why = 'torchrun has gone: stopping'
+    try:
+        print(why, file=sys.stderr, flush=True)  # stderr may be a pipe nobody reads any more
+    finally:
+        os._exit(1)
 
 
 def ignore_signals(worker_id=None):
@@ -374,12 +504,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, root, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic', flip=True,
                  in_chans=3, seed=0):
-        root = Path(root)
-        if not root.is_dir():
-            raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
-        root = root / 'train' if (root / 'train').is_dir() else root
-        self.files = sorted(Path(dirpath, f) for dirpath, _, files in os.walk(root, followlinks=True)
-                            for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        root = data_root(root)
+        self.files = sorted(Path(folder, f) for folder, files, _ in scan(root, IMAGE_EXTENSIONS) for f in files)
         if not self.files:
             raise SystemExit(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
         classes = sorted({p.relative_to(root).parts[0] for p in self.files if len(p.relative_to(root).parts) > 1})
@@ -408,6 +534,54 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         return read_or_next(self, key, 'image')
+
+
+def data_root(root):
+    """--data: the folder, or its train/ when it has one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f'--data {root}: ' + ('is a file, not a folder' if root.exists() else 'does not exist') +
+                         ' (give a data folder, or --data synthetic)')
+    return root / 'train' if (root / 'train').is_dir() else root
+
+
+def scan(root, extensions):
+    """[(folder, [names of regular files with these extensions], has subfolders)] under root, following links but
+    each real folder and file once, so a link back up the tree cannot loop and a second link to the same files adds
+    nothing. What is left out (duplicates; FIFOs and other entries that are not regular files) is counted and said."""
+    found, seen, stack, dup, odd = [], set(), [str(root)], 0, 0
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            entries = list(os.scandir(folder))
+        except OSError:
+            odd += 1
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a folder met before, under another path
+            dup += 1
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        names, subs = [], [e.path for e in entries if e.is_dir()]
+        for e in entries:
+            if e.name.lower().endswith(extensions) and not e.is_dir():
+                try:
+                    ok, key = e.is_file(), (e.stat().st_dev, e.stat().st_ino) if e.is_symlink() else (st.st_dev, e.inode())
+                except OSError:  # a broken link
+                    ok = False
+                if not ok:
+                    odd += 1
+                elif key in seen:
+                    dup += 1
+                else:
+                    seen.add(key)
+                    names.append(e.name)
+        stack += sorted(subs, reverse=True)
+        found.append((folder, names, bool(subs)))
+    if dup or odd:
+        print(f'note: under {root}, left out {dup} duplicate path(s) of files or folders already found (links) and '
+              f'{odd} entr(ies) that are not regular files', file=sys.stderr)
+    return found
 
 
 def read_or_next(dataset, key, what):
@@ -502,7 +676,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def image_dataset(args, scale, interpolation, flip=True):
     """`--data synthetic` (or `synthetic:N` for N images, default 10000), else an image folder."""
-    if args.data.startswith('synthetic'):
+    if args.data.startswith('synthetic'):  # check_args made sure it is synthetic or synthetic:N
         n = int(args.data.split(':')[1]) if ':' in args.data else 10000
         return SyntheticImages(n, args.input_size, args.in_chans, args.seed)
     dataset = ImageFiles(args.data, args.input_size, scale, interpolation=interpolation, flip=flip,
@@ -655,7 +829,9 @@ def resume(args, model, optimizer, scaler, d):
 
 def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
     """output_dir/checkpoint.pth, plus checkpoint-<epoch>.pth every --keep_every epochs and at the last.
-    Collective (every rank's RNG state is gathered); only rank 0 writes, and it alone gets True back."""
+    Collective (every rank's RNG state is gathered); only rank 0 writes, and it alone gets True back. Weights that
+    are not all finite are never saved: every rank stops, and the checkpoint on disk keeps the last good state."""
+    check_finite(unwrap(model).state_dict(), Path(args.output_dir) / 'checkpoint.pth')
     states = rng_state(d)
     if not d.main:
         return False
@@ -675,17 +851,35 @@ def finish(d, out, step, stop, encoder):
     if d.main and stop == 'preempted':
         print(f'preempted at step {step}: saved {out / "checkpoint.pth"}; the same command resumes')
     elif d.main:  # the end, or --max_steps
-        torch.save({'model': encoder}, out / 'encoder.pth')
+        save_checkpoint(out / 'encoder.pth', {'model': check_finite(encoder, out / 'encoder.pth')})
+    if d.main:
+        release_output(out)
     if d.world > 1:
         dist.destroy_process_group()
 
 
+def check_finite(state_dict, path):
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f'stopping: {len(bad)} weight tensors are not finite (e.g. {bad[0]}), so {path} is not '
+                         f'written{" and keeps the last good state" if Path(path).exists() else ""}; if it recurs, '
+                         f'lower the learning rate or try --amp bf16 or --amp none')
+    return state_dict
+
+
 def save_checkpoint(path, obj):
-    """Atomic: write a temp file then rename, so a kill mid-write never leaves a broken checkpoint."""
+    """Atomic: write a temp file then rename, so a kill mid-write never leaves a broken checkpoint. A failed write
+    (disk full, quota) stops with one line and leaves the previous file as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        why = getattr(e, 'strerror', None) or 'the write stopped short: disk full, quota or a file-size limit?'
+        raise SystemExit(f'saving {path} failed ({why}); ' + (f'the previous {path.name} is intact' if path.exists()
+                         else 'no earlier copy existed')) from None
 
 
 def load_weights(model, path):
@@ -693,7 +887,9 @@ def load_weights(model, path):
     'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out.
     SlowFast's .pyth files (MaskFeat) keep the weights under 'model_state'."""
     ckpt = load_checkpoint(path)
-    sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt)))
+    sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f'--init {path}: holds {kind(sd)}, not a state dict of named tensors (nor one under "model")')
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
     own = model.state_dict()
     shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
@@ -730,16 +926,61 @@ def checkpoint_problem(path, error):
         return 'is empty (0 bytes)'
     if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
         return f'looks cut short ({size} bytes, the end of the archive is missing): an interrupted copy or save?'
-    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+    found = re.search(r'GLOBAL ([\w.]+)', str(error))  # torch leaves out the module of builtins
     if found:
-        return (f'holds Python objects ({found.group(1)}), not only tensors; refused, since loading them could run '
-                f'code. Save its state_dict() instead')
+        name = found.group(1) if '.' in found.group(1) else f'builtins.{found.group(1)}'
+        return (f'holds Python objects ({name}), not only tensors; refused, since loading them could run code. '
+                f'Save its state_dict() instead')
+    if head[:2] == b'\x80\x02':  # torch.save(_use_new_zipfile_serialization=False): a pickle of protocol 2
+        return f'is in torch\'s legacy (pre-1.6) format and cannot be read ({first_line(error)})'
     if head != b'PK\x03\x04':
         return f'not a PyTorch checkpoint ({size} bytes beginning {head!r})'
-    return f'cannot be read ({type(error).__name__}: {str(error).strip()}'.split('\n')[0][:160] + ')'
+    return f'cannot be read ({first_line(error)})'
+
+
+def first_line(error):
+    return f'{type(error).__name__}: ' + re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:200]
+
+
+def kind(obj):
+    """What a loaded object that is not a state dict is, in words."""
+    if isinstance(obj, torch.Tensor):
+        return f'a bare tensor of shape {tuple(obj.shape)}'
+    if isinstance(obj, dict):
+        return f'a dict with a {next(type(v).__name__ for v in obj.values() if not isinstance(v, torch.Tensor))} value'
+    return f'a {type(obj).__name__}'
 
 
 # --------------------------------------------------------------------------- logging and pictures
+
+
+def peak_tflops(gpu_name):
+    """The dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s of a GPU, from NVIDIA's datasheets; 0: unknown."""
+    peaks = {'H100 PCIe': 756, 'H100 NVL': 835, 'H100': 989, 'H200 NVL': 835, 'H200': 989, 'GH200': 989, 'A100': 312,
+             'L40S': 362}  # the first found in gpu_name as a word: 'NVIDIA H100 80GB HBM3' is an H100 SXM
+    return next((v for k, v in peaks.items() if re.search(rf'\b{k}\b', gpu_name)), 0)
+
+
+def count_flops(module, *inputs):
+    """FLOPs (2 per multiply-add) of `module(*inputs)` and of the backward of its first output if that needs gradients
+    (a training loss), on fake tensors: nothing computed, the RNG untouched, no gradient kept; attention as matmuls."""
+    with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        out = module(*inputs)
+        if out[0].requires_grad:
+            out[0].backward()
+    module.zero_grad(set_to_none=True)  # the fake gradients
+    return c.get_total_flops()
+
+
+def report_flops(d, flops, global_batch, unit='img', **frozen):
+    """Print the training FLOPs per image and per optimizer step, a frozen network's forward (BEiT's tokenizer, MILAN's
+    teacher: GPU work too) split out. Returns the total per image, for the Logger's TFLOP/s and MFU."""
+    total = flops + sum(frozen.values())
+    if d.main:
+        print(f'train GFLOPs per {unit}: model {flops / 1e9:.4g} (forward + backward)' + ''.join(
+            f' + {k} {v / 1e9:.4g} (frozen, forward only: {v / flops:.0%} of the model)' for k, v in frozen.items())
+            + f' = {total / 1e9:.4g}; x {global_batch} per optimizer step = {total * global_batch / 1e12:.4g} TFLOP')
+    return total
 
 
 class Logger:
@@ -748,8 +989,10 @@ class Logger:
     non-finite steps. `log_step` agrees across ranks on the averages and on preemption (one all-reduce), prints one
     line (ending in `note`, e.g. MILAN's random-teacher warning) and appends the record to output_dir/log.jsonl."""
 
-    def __init__(self, output_dir, d, step, unit='img', note=''):
+    def __init__(self, output_dir, d, step, unit='img', note='', flops=0.0):
         self.d, self.path, self.last_step, self.unit, self.note = d, Path(output_dir) / 'log.jsonl', step, unit, note
+        gpu = torch.cuda.get_device_name(d.device) if d.device.type == 'cuda' else ''
+        self.flops, self.peak = flops, peak_tflops(gpu)  # training FLOPs per image (report_flops), the GPU's peak
         self.last, self.wait, self.preempt = time.perf_counter(), 0.0, Preemption()
         self.loss_sum, self.micro, self.bad_files, self.new_bad = torch.zeros((), device=d.device), 0, set(), set()
         self.metrics = {}  # name -> device sum over micro-steps; every rank adds the same names
@@ -791,10 +1034,16 @@ class Logger:
                    mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.d.device.type == 'cuda' else 0.0,
                    skipped=len(self.bad_files), bad_steps=int(self.bad_total.item()),
                    eta_s=dt / max(n, 1) * (total_steps - step))
+        if self.flops:  # achieved training FLOP/s per GPU; MFU against the GPU's dense bf16 peak when it is known
+            rec['tflops'] = self.flops * rec['img_per_s'] / self.d.world / 1e12
+            if self.peak:
+                rec['mfu'] = rec['tflops'] / self.peak
         if self.d.main:
             eta = rec['eta_s']
             print(f"ep {rec['epoch']} step {step}/{total_steps} " + ''.join(f'{k} {v:.4f} ' for k, v in avg.items())
-                  + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s data {rec['data_wait']:.0%} "
+                  + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s "
+                  + (f"{rec['tflops']:.3g} TFLOP/s/GPU " if 'tflops' in rec else '')
+                  + (f"MFU {rec['mfu']:.1%} " if 'mfu' in rec else '') + f"data {rec['data_wait']:.0%} "
                   f"mem {rec['mem_gb']:.1f}G "
                   f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
                   f"{int(eta % 60):02d}{self.note}", flush=True)
@@ -803,29 +1052,34 @@ class Logger:
         self.last, self.wait, self.last_step = now, 0.0, step
         self.loss_sum, self.micro, self.metrics = torch.zeros_like(self.loss_sum), 0, {}
         if self.bad_run.item() >= max_bad_steps:  # the checkpoint on disk predates the bad run: resume from it
-            raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). '
-                             f'Resume from {self.path.parent / "checkpoint.pth"} (the last good state); if it recurs, '
-                             f'try --amp bf16 or --amp none.')
+            last = self.path.parent / 'checkpoint.pth'
+            raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). ' + (
+                f'Resume from {last} (the last good state)' if last.exists() else 'No checkpoint was saved before') +
+                '; if it recurs, lower the learning rate or try --amp bf16 or --amp none.')
         return 'preempted' if summed[2].item() > 0 else None
 
 
-def save_grid(path, columns, note='', pad=2, min_width=128):
+def save_grid(path, columns, note='', pad=2, min_width=128, captions=None):
     """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an
-    optional note below. Small images are enlarged (nearest) so the titles fit."""
+    optional note below and optional `captions` (one text per row) under each row. Small images are enlarged
+    (nearest) so the titles fit."""
     titles, ims = zip(*columns)
     s = max(1, math.ceil(min_width / ims[0].shape[-1]))
     ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
     B, _, H, W = ims[0].shape
     tall = lambda text: ImageDraw.Draw(Image.new('1', (1, 1))).multiline_textbbox((0, 0), text, font=FONT)[3]  # noqa
     head, foot = max(tall(t) for t in titles) + 4, tall(note) + 6 if note else 0
-    canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * (H + pad) + pad + foot), 'white')
+    row = H + pad + (max(tall(c) for c in captions) + 4 if captions else 0)  # an image row and its caption
+    canvas = Image.new('RGB', (len(ims) * (W + pad) + pad, head + B * row + pad + foot), 'white')
     draw = ImageDraw.Draw(canvas)
     for c, (title, im) in enumerate(zip(titles, ims)):
         draw.multiline_text((pad + c * (W + pad), 1), title, fill='black', font=FONT)
         im = (im.clamp(0, 1) * 255).round().byte()
         im = im.expand(-1, 3, -1, -1) if im.shape[1] == 1 else im
         for r in range(B):
-            canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * (H + pad)))
+            canvas.paste(Image.fromarray(im[r].permute(1, 2, 0).numpy()), (pad + c * (W + pad), head + pad + r * row))
+    for r, caption in enumerate(captions or []):
+        draw.multiline_text((pad, head + pad + r * row + H + 2), caption, fill='black', font=FONT)
     if note:
         draw.multiline_text((pad, canvas.height - foot + 2), note, fill='black', font=FONT)
     canvas.save(path)
@@ -844,7 +1098,7 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
         sx, sy = (W - 1.5 * m) / max(x1 - x0, 1), (H - 1.5 * m) / max(y1 - y0, 1e-12)
         d.line([(m + (x - x0) * sx, H - m - (y - y0) * sy) for x, y in pts], fill='blue', width=2)
         d.text((m, H - m + 4), f'step {x0}', fill='black', font=FONT)
-        d.text((W - 3 * m, H - m + 4), f'{x1}', fill='black', font=FONT)
+        d.text((W - m // 2 - d.textlength(f'{x1}', font=FONT), H - m + 4), f'{x1}', fill='black', font=FONT)
         d.text((2, m // 2), f'{y1:.3g}', fill='black', font=FONT)
         d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
     d.text((W // 2 - 30, 4), f'training {key}', fill='black', font=FONT)

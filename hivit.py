@@ -7,7 +7,7 @@ inside their unit. So the masked units can be dropped right after the patch embe
 and a hierarchical encoder trains at ViT speed. The decoder reads the stem features and the main-stage output of
 every visible unit ("hifeat").
 
-    python hivit.py --demo                                         # micro HiViT, synthetic images, CPU, ~2 min
+    python hivit.py --demo                                         # micro HiViT, synthetic images: 73 s of CPU time
     torchrun --nproc_per_node=8 hivit.py --data imagenet/          # HiViT-B, 1600 epochs, the official recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 hivit.py --data imagenet/
 
@@ -43,9 +43,9 @@ import torch
 import torch.nn as nn
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, report_flops, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -53,10 +53,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, accumulatio
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # micro HiViT on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # micro HiViT on synthetic images: 73 s of CPU time
     output_dir: str = 'output_hivit'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # micro | tiny | small | base (MODELS below; paper Tab. 1, ref supervised/configs)
-    input_size: tuple = (224,)  # H [W], each divisible by the unit (patch) size; ref get_started.md
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the unit; None: the preset's (ref 224, micro 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref get_started.md --mask_ratio 0.75
     batch_size: int = 256  # per GPU; ref get_started.md (8 GPUs x 256 x accum 2)
@@ -72,7 +72,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 10  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference release (its keys)
@@ -81,6 +81,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 100  # ref main_pretrain.py: checkpoint-<epoch>.pth every 100 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (unit px, D, depths, heads, decoder D, decoder depth, decoder heads). depths[0], depths[1] count PAIRS of
@@ -92,6 +93,7 @@ MODELS = {
     'small': (16, 384, (2, 2, 20), 6, 512, 6, 16),  # ref supervised/configs/hivit_small_224.yaml, base decoder
     'base': (16, 512, (2, 2, 20), 8, 512, 6, 16),  # ref mae_hivit_base_dec512d6b
 }
+INPUT_SIZE = {'micro': 64, 'tiny': 224, 'small': 224, 'base': 224}  # px when --input_size is not given
 STEM_MLP_RATIO, INNER = 3.0, 4  # ref: MLP ratio 3 in the stem; a unit is 4 x 4 stem tokens
 DEMO = dict(data='synthetic:2048', model='micro', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_hivit_demo', log_every=8, keep_every=3)
@@ -274,6 +276,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depths, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -317,13 +320,14 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], args.mask_ratio), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -4,14 +4,15 @@ Reference (JAX/Flax): github.com/young-geng/m3ae_public (m3ae/model.py, m3ae/m3a
 One ViT encoder sees the visible 25% of the image patches and of the text positions together ([cls | image | text],
 a type embedding per modality); a shared decoder regresses the pixels of the hidden patches and predicts hidden words.
 
-    python m3ae.py --demo                                              # tiny model, synthetic captioned images, CPU
-    torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab bert-base-uncased-vocab.txt   # ViT-L/16, README recipe
+    python m3ae.py --demo                                          # tiny, synthetic captioned images: 110 s of CPU time
+    torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab vocab.txt   # ViT-L/16, the reference README's recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
 Deviations from the reference:
 - PyTorch, not Flax: keys keep the Flax names at the top level (text_embedding, cls_token, *_type_embedding, ...)
-  and timm's in the blocks (encoder.blocks.i.attn.qkv, ...); no converter for the Flax pickles is included.
-- The effective batch is `--global_batch` (4096, README); `accum_iter` is derived. bf16 autocast by default on
+  and timm's in the blocks (encoder.blocks.i.attn.qkv, ...). `--init` reads the reference's released Flax pickles
+  as data (no JAX; nothing in the file is run) and renames their parameters.
+- The effective batch is `--global_batch` (4096, as in its README); `accum_iter` is derived. bf16 autocast on
   CUDA; fused AdamW; a non-finite loss/gradient skips the step and is counted. `--clip_grad 0` (ref: 1e9).
 - Padded keys get an additive -1e7 in SDPA (ref: the logit replaced by -1e7): the same softmax, as cls is never
   padded. Sin-cos tables in float64, right for non-square grids (ref: square only). Seeds: seed + rank.
@@ -26,7 +27,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import textwrap
 import time
@@ -44,9 +47,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (Block, ImageFiles, Logger, accumulation, amp_setup, check_args, check_mask_ratio, check_readable,
-                    cosine_lr, finish, make_loader, normalize, optimizer_step, pair, parse_args, patchify, resume,
-                    save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d, sincos_2d, unpatchify,
-                    unwrap)
+                    cosine_lr, count_flops, finish, make_loader, normalize, optimizer_step, pair, parse_args, patchify,
+                    report_flops, resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_1d,
+                    sincos_2d, unpatchify, unwrap)
 
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
@@ -56,10 +59,10 @@ CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # re
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic captioned images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny model on synthetic captioned images: 110 s of CPU time
     output_dir: str = 'output_m3ae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, vocab.txt, encoder.pth
     model: str = 'large'  # tiny | small | base | large | huge (MODELS); ref README --m3ae.model_type='large'
-    input_size: tuple = (256,)  # H [W], divisible by the patch size; ref data.image_size 256
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 256, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     vocab: Optional[str] = None  # BERT's vocab.txt (ref bert-base-uncased); none: a word vocab (NOT the paper's)
     text_len: int = 64  # tokens per caption, padded with id 0; ref tokenizer_max_length 64
@@ -83,21 +86,23 @@ class Args:
     std: tuple = CC12M_STD  # ref image_normalization 'cc12m'
     num_workers: int = 16  # ref README --dataloader_n_workers
     seed: int = 42  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
-    init: Optional[str] = None  # start from weights: a checkpoint of this file
+    init: Optional[str] = None  # start from weights: a checkpoint of this file or the reference's Flax pickle
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); for benchmarks and tests
     log_every: int = 20  # optimizer steps between log lines (also how often ranks agree on preemption)
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 10  # checkpoint-<epoch>.pth every this many epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref model.py get_transformer_by_config
 MODELS = {'tiny': (8, 128, 4, 4, 128, 2, 4),  # ours, for the demo and tests
           'small': (16, 384, 12, 6, 512, 8, 16), 'base': (16, 768, 12, 12, 512, 8, 16),
           'large': (16, 1024, 24, 16, 512, 8, 16), 'huge': (16, 1280, 32, 16, 512, 8, 16)}
+INPUT_SIZE = {'tiny': 64, 'small': 256, 'base': 256, 'large': 256, 'huge': 256}  # when --input_size is not given
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, batch_size=64, global_batch=64,
             epochs=8, warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_m3ae_demo', log_every=8,
             keep_every=4)
@@ -107,19 +112,25 @@ DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, 
 
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+SPECIAL = re.compile(r'(\[(?:PAD|UNK|CLS|SEP|MASK)\])')  # BERT's special tokens, kept whole when a text has them
 
 
 def basic_words(text):
-    """BERT's uncased BasicTokenizer: drop NUL/U+FFFD/control chars, lower-case, strip accents, split on whitespace,
-    every punctuation (ASCII symbols, Unicode P*) and CJK char a word of its own."""
+    """BERT's uncased BasicTokenizer: special tokens stay whole; elsewhere drop U+FFFD and every char of Unicode
+    category C* but tab and newlines (control, format, private use, unassigned), lower-case, strip accents, split on
+    whitespace, every punctuation (ASCII symbols, Unicode P*) and CJK char a word of its own."""
     out = []
-    for ch in unicodedata.normalize('NFD', unicodedata.normalize('NFC', text).lower()):
-        cp, cat = ord(ch), unicodedata.category(ch)
-        if cp == 0 or cp == 0xFFFD or cat == 'Mn' or (cat in ('Cc', 'Cf') and ch not in '\t\n\r'):
+    for k, part in enumerate(SPECIAL.split(text)):
+        if k % 2:  # a special token
+            out.append(f' {part} ')
             continue
-        alone = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat[0] == 'P' or any(
-            lo <= cp <= hi for lo, hi in CJK)
-        out.append(' ' if cat == 'Zs' else f' {ch} ' if alone else ch)
+        for ch in unicodedata.normalize('NFD', unicodedata.normalize('NFC', part).lower()):
+            cp, cat = ord(ch), unicodedata.category(ch)
+            if cp == 0xFFFD or cat == 'Mn' or (cat[0] == 'C' and ch not in '\t\n\r'):
+                continue
+            alone = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat[0] == 'P' or any(
+                lo <= cp <= hi for lo, hi in CJK)
+            out.append(' ' if cat == 'Zs' else f' {ch} ' if alone else ch)
     return ''.join(out).split()
 
 
@@ -148,6 +159,31 @@ class WordPiece:
         ids = [i for w in basic_words(text) for i in self.pieces(w)][:L]
         pad = torch.arange(L) >= len(ids)  # (L,) True = pad; an empty text is all padding (ref data.py)
         return torch.tensor(ids + [0] * (L - len(ids)), dtype=torch.long), pad  # (L,), (L,)
+
+
+def read_lines(path, flag):
+    """The lines of a UTF-8 text file (ended by LF, CRLF or CR; a BOM at its start is read away); one line naming the
+    file, and the byte offset, when it is missing or not UTF-8."""
+    if not Path(path).is_file():
+        raise SystemExit(f'{flag} {path}: no such file')
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode('utf-8-sig').replace('\r\n', '\n').replace('\r', '\n')
+    except UnicodeDecodeError as e:
+        at = e.start + 3 * data.startswith(b'\xef\xbb\xbf')  # offsets count from after a BOM
+        raise SystemExit(f'{flag} {path}: not UTF-8 text (byte {at} is 0x{data[at]:02x}); convert it first, e.g. '
+                         f'iconv -f latin1 -t utf-8') from None
+    return text.removesuffix('\n').split('\n') if text else []
+
+
+def check_vocab(tokens, path):
+    """The file relies on [PAD] being id 0 (padding) and on [UNK] (unknown words), as BERT's vocab.txt has them."""
+    missing = [t for t in ('[PAD]', '[UNK]') if t not in tokens]
+    problem = ('is empty' if not tokens else f'lacks {" and ".join(missing)}' if missing else
+               f'has [PAD] on line {tokens.index("[PAD]") + 1}, not 1' if tokens[0] != '[PAD]' else '')
+    if problem:
+        raise SystemExit(f'--vocab {path} {problem}: padding is id 0 = [PAD] (the first line) and unknown words are '
+                         f'[UNK], as in BERT\'s vocab.txt')
 
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3, ref random_masking)
@@ -315,6 +351,93 @@ def param_groups(model, weight_decay):
     return [{'params': groups[0], 'weight_decay': 0.0}, {'params': groups[1], 'weight_decay': weight_decay}]
 
 
+# --------------------------------------------------------------------------- --init from the reference's Flax pickle
+
+
+class Stub:
+    """Stands in for each class or function the pickle names (Flax's train state, optax's, cloudpickle's function
+    builders): making, calling, building or filling one only keeps what it was given, so nothing of the file runs."""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self.args, self.state, self.items = args, None, {}
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return Stub(*args)
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):  # the items of a dict subclass (OrderedDict)
+        self.items[key] = value
+
+
+FLAX_LIBRARIES = {'m3ae', 'flax', 'jax', 'jaxlib', 'optax', 'chex', 'numpy', 'ml_dtypes', 'ml_collections', 'absl',
+                  'cloudpickle', 'collections', 'copyreg', 'functools', 'builtins', 'types', 'typing', 'dataclasses',
+                  'enum', 'abc', 'operator', '_operator'}  # what such a pickle is made of
+RUNS_CODE = ('eval', 'exec', 'compile', 'open', '__import__', 'breakpoint', 'input')
+FLAX_NAMES = (('LayerNorm_1', 'norm2'), (r'(Block_\d+/)LayerNorm_0', r'\1norm1'), ('LayerNorm_0', 'norm'),
+              (r'Block_(\d+)', r'blocks.\1'), ('Attention_0/Dense_0', 'attn.qkv'), ('Attention_0/Dense_1', 'attn.proj'),
+              ('TransformerMLP_0', 'mlp'), ('/Dense_0/', '/'), ('/(kernel|scale|embedding)$', '/weight'), ('/', '.'))
+
+
+class FlaxUnpickler(pickle.Unpickler):
+    """Rebuilds containers, numpy arrays and dtypes (numpy's pickles name _frombuffer and dtype); every other global
+    becomes a Stub, and one from outside those libraries (os.system, ...) or that runs code (eval, ...) is refused."""
+
+    def find_class(self, module, name):
+        root = module.split('.')[0]
+        if root == 'numpy' and name == '_frombuffer':
+            return lambda buf, dtype, shape, order: np.frombuffer(buf, dtype).reshape(shape, order=order)
+        if root == 'numpy' and name == 'dtype':
+            return np.dtype
+        if root not in FLAX_LIBRARIES or root == 'builtins' and name in RUNS_CODE:
+            raise pickle.UnpicklingError(f'refused: it names {module}.{name}, which no Flax checkpoint needs; '
+                                         f'nothing of the file was run')
+        return Stub
+
+
+def flax_arrays(tree, prefix=''):
+    """{'params/params/encoder/Block_0/LayerNorm_0/scale': array, ...} from nested dicts and the Stubs of dict-like
+    objects (a train state's fields, FrozenDict(dict), OrderedDict); other leaves are left out."""
+    if isinstance(tree, Stub):
+        tree = {**next((a for a in tree.args if isinstance(a, dict)), {}),
+                **(tree.state if isinstance(tree.state, dict) else {}), **tree.items}
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flax_arrays(sub, f'{prefix}{key}/').items()}
+    return {prefix[:-1]: tree} if isinstance(tree, np.ndarray) else {}
+
+
+def load_flax(model, path):
+    """--init from the reference's pickle ({'step', 'epoch', 'variant', 'state'} by cloudpickle, as its released
+    weights): state.params['params'] renamed, Dense kernels transposed; tensors that do not fit stay as initialised.
+    False, loading nothing, for a file that is no pickle of protocol 4 or 5 (a torch checkpoint is a zip archive)."""
+    with open(path, 'rb') as f:
+        if f.read(2) not in (b'\x80\x04', b'\x80\x05'):
+            return False
+        f.seek(0)
+        try:
+            ckpt = FlaxUnpickler(f).load()
+            params = {k[14:]: v for k, v in flax_arrays(ckpt['state']).items() if k.startswith('params/params/')}
+        except Exception as e:
+            raise SystemExit(f'--init {path}: not a checkpoint of the M3AE reference ({type(e).__name__}: {e})')
+    own, sd = model.state_dict(), {}
+    for name, array in params.items():
+        key = name
+        for pattern, new in FLAX_NAMES:
+            key = re.sub(pattern, new, key)
+        t = torch.tensor(np.asarray(array, dtype=np.float32))
+        sd[key] = t.T if name.endswith('kernel') else t  # Dense (in, out) -> Linear (out, in)
+    fit = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if not fit:
+        raise SystemExit(f'--init {path}: no Flax parameter fits --model {list(sd)[:3]}')
+    model.load_state_dict(fit, strict=False)
+    print(f'--init {path}: Flax parameters of the reference at step {ckpt.get("step")}: {len(fit)} of {len(own)} '
+          f'tensors loaded; kept as initialised: {sorted(set(own) - set(fit))[:6]}')
+    return True
+
+
 # --------------------------------------------------------------------------- data: image-caption pairs
 
 
@@ -325,13 +448,13 @@ class CaptionedImages(ImageFiles):
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
         if root.suffix.lower() == '.tsv' and root.is_file():  # ImageFiles' fields, without walking a folder
-            rows = [line.rstrip('\n').split('\t', 1) for line in open(root, encoding='utf-8') if line.strip()]
-            self.files, self.texts = [root.parent / r[0] for r in rows], [(r + [''])[1] for r in rows]  # in memory
-            self.size, self.scale, self.ratio, self.flip = pair(size), (0.2, 1.0), (3 / 4, 4 / 3), True
-            self.resample = Image.BICUBIC
-            self.labels, self.in_chans, self.seed, self.warned = [0] * len(rows), in_chans, seed, set()
+            rows = [line.split('\t', 1) + [''] for line in read_lines(root, '--data') if line.strip()]
             if not rows:
                 raise SystemExit(f'no images listed in {root}')
+            self.files, self.texts = [root.parent / r[0] for r in rows], [r[1] for r in rows]  # in memory
+            self.size, self.scale, self.ratio, self.flip = pair(size), (0.2, 1.0), (3 / 4, 4 / 3), True
+            self.labels, self.in_chans, self.seed, self.warned = [0] * len(rows), in_chans, seed, set()
+            self.resample = Image.BICUBIC
             return
         super().__init__(root, size, (0.2, 1.0), interpolation='bicubic', in_chans=in_chans, seed=seed)
         self.texts = [f.with_suffix('.txt') if f.with_suffix('.txt').is_file() else '' for f in self.files]
@@ -388,8 +511,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
-    """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under it each caption,
-    hidden words as [true>predicted]. Targets are dataset-normalised: nothing of a hidden patch is used to show it."""
+    """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under each row its
+    caption, hidden words as [true>predicted]. Targets are dataset-normalised: nothing hidden is used to show them."""
     was_training = model.training
     model.eval()
     imgs, text, pad = batch
@@ -403,10 +526,10 @@ def visualize(model, batch, tokenizer, args, path):
     grey = patchify((torch.full_like(imgs, 0.5) - mean) / std, model.patch)
     w, rows = tokenizer.tokens, zip(*(v.tolist() for v in (text, out['logits'].argmax(-1), out['text_mask'], pad)))
     words = [' '.join(f'[{w[t]}>{w[q]}]' if m else w[t] for t, q, m, p in zip(*r) if not p) for r in rows]
-    lines = ['\n  '.join(textwrap.wrap(t, 60)) for t in words]  # fits under 3 columns of 128 px
-    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}\n' + '\n'.join(lines)
+    captions = ['\n'.join(textwrap.wrap(t, 60)) for t in words]  # fits under 3 columns of 128 px
+    note = f'[true>predicted] = hidden words; accuracy on them {out["text_acc"]:.0%}'
     save_grid(path, [('original', to_img(target)), ('masked input', to_img(torch.where(mask, grey, target))),
-                     ('reconstruction', to_img(torch.where(mask, pred, target)))], note)
+                     ('reconstruction', to_img(torch.where(mask, pred, target)))], note, captions=captions)
     model.train(was_training)
 
 
@@ -416,6 +539,7 @@ def visualize(model, batch, tokenizer, args, path):
 def main(args):
     check_args(args, MODELS, positive=('text_len', 'unpaired_len'),
                non_negative=('image_loss_weight', 'text_loss_weight', 'unpaired_text_weight'))
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -424,9 +548,10 @@ def main(args):
     check_mask_ratio(args.mask_ratio, N - int(N * (1 - args.mask_ratio)), N, 'patches')  # as random_masking rounds
     if not 0 < args.text_mask_ratio <= 1 or L - int(L * (1 - args.text_mask_ratio)) < 1:  # all may be hidden
         raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of {L} text positions: give 0 < r <= 1')
-    for flag, path in (('--vocab', args.vocab), ('--text_data', args.text_data)):
-        if path and not Path(path).is_file():
-            raise SystemExit(f'{flag} {path}: no such file')
+    lines = read_lines(args.text_data, '--text_data') if args.text_data else None  # unpaired text, held in memory
+    tokens = read_lines(args.vocab, '--vocab') if args.vocab else None
+    if args.vocab:
+        check_vocab(tokens, args.vocab)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
@@ -437,11 +562,9 @@ def main(args):
                                  args.in_chans, args.seed)
     else:  # ref: RandomResizedCrop(256, 0.2-1, bicubic) + flip; CC12M normalisation on the device
         dataset = CaptionedImages(args.data, args.input_size, L, args.in_chans, args.seed)
-    lines = Path(args.text_data).read_text(encoding='utf-8').splitlines() if args.text_data else None
-    vocab = Path(args.vocab) if args.vocab else out / 'vocab.txt'  # a resumed run keeps its word vocabulary
-    if vocab.is_file():
-        tokens = vocab.read_text(encoding='utf-8').splitlines()
-    else:  # [PAD], [UNK], then the words of the captions, most frequent first (saved below)
+    if not args.vocab and (out / 'vocab.txt').is_file():  # a resumed run keeps its word vocabulary
+        tokens = read_lines(out / 'vocab.txt', 'vocab')
+    elif not args.vocab:  # [PAD], [UNK], then the words of the captions, most frequent first (saved below)
         texts = [dataset.caption(i) for i in range(len(dataset))] + (lines or [])
         counts = Counter(w for t in texts for w in basic_words(t))
         tokens = ['[PAD]', '[UNK]'] + sorted(counts, key=lambda w: (-counts[w], w))
@@ -463,7 +586,9 @@ def main(args):
                                   fused=True)  # fused: skips a non-finite step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
 
-    step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
+    fresh = not args.resume and not (out / 'checkpoint.pth').exists()  # else resume() continues a run
+    flax = fresh and args.init and Path(args.init).is_file() and load_flax(model, args.init)  # the reference's pickle
+    step = resume(dataclasses.replace(args, init=None) if flax else args, model, optimizer, scaler, d)
     if d.main and not args.vocab:  # once the checkpoint (if any) was accepted; atomic, as other ranks may read it
         (out / 'vocab.tmp').write_text('\n'.join(tokens) + '\n', encoding='utf-8')
         os.replace(out / 'vocab.tmp', out / 'vocab.txt')
@@ -483,14 +608,17 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis = [torch.stack(t).to(d.device) for t in zip(*(dataset[(0, i % len(dataset))][0] for i in range(6)))]
     vis[0] = normalize(vis[0], mean, std)  # a fixed batch for the pictures
+    one = [v[:1] for v in vis] + ([u[None] for u in tokenizer.encode(lines[0], args.unpaired_len)] if lines else [])
+    flops = report_flops(d, count_flops(model, *one), args.global_batch, 'pair')  # one pair (+ one unpaired text)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             name = f'vis_{step if epoch_done is None else epoch_done}.png'
             visualize(unwrap(model), vis, tokenizer, args, out / name)
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+            save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-word accuracy
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
@@ -512,9 +640,9 @@ def main(args):
             update = (it + 1) % accum == 0
             with fwd.no_sync() if d.world > 1 and not update else nullcontext():
                 with autocast:
-                    loss, _ = fwd(imgs, text, pad, *unpaired)
+                    loss, extras = fwd(imgs, text, pad, *unpaired)
                 scaler.scale(loss / accum).backward()
-            logger.add(loss, bad_files)  # the loss stays on the device until the next log step
+            logger.add(loss, bad_files, {'mlm_acc': extras['text_acc']})  # on the device until the next log step
             if not update:
                 continue
             _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)

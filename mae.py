@@ -4,7 +4,7 @@ Reference: github.com/facebookresearch/mae (models_mae.py, main_pretrain.py, eng
 A ViT encoder sees only the visible 25% of the patches; a light decoder gets the encoded tokens plus mask tokens
 and regresses the (per-patch normalised) pixels of the removed patches.
 
-    python mae.py --demo                                          # tiny model, synthetic images, CPU, ~1 min
+    python mae.py --demo                                          # tiny model, synthetic images: 58 s of CPU time
     torchrun --nproc_per_node=8 mae.py --data imagenet/           # ViT-B/16, the paper's recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae.py --data imagenet/
 
@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, report_flops, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -46,10 +46,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accu
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images, a minute or two on a laptop CPU
+    demo: bool = False  # tiny model on synthetic images: 58 s of CPU time
     output_dir: str = 'output_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper headline ViT-B/L/H)
-    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # paper Sec. 4, Fig. 5
     norm_pix_loss: bool = True  # ref PRETRAIN.md --norm_pix_loss; paper Tab. 1c
@@ -66,7 +66,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 10  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MAE release (full/visualize)
@@ -75,6 +75,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_mae.py
@@ -84,6 +85,7 @@ MODELS = {
     'large': (16, 1024, 24, 16, 512, 8, 16),
     'huge': (14, 1280, 32, 16, 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mae_demo', log_every=8, keep_every=3)
 
@@ -229,6 +231,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -270,13 +273,14 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], args.mask_ratio), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -5,7 +5,7 @@ An MAE ViT encoder sees a quarter of the patches; which ones is sampled from a f
 (semantic-aware sampling: the cls query's head-averaged attention of the last block). A "prompting" decoder updates
 only the mask tokens (the encoded visible tokens are fixed prompts) and regresses the CLIP features of all tokens.
 
-    python milan.py --demo                                    # tiny model, RANDOM small teacher, synthetic, CPU
+    python milan.py --demo                                    # tiny, RANDOM small teacher, synthetic: 71 s of CPU time
     torchrun --nproc_per_node=8 milan.py --data imagenet/ --teacher ViT-B-16.pt   # ViT-B/16, the paper's recipe
 
 `--teacher`: OpenAI's CLIP `ViT-B-16.pt` (TorchScript, fp16) or a plain state dict with its `visual.*` keys (as
@@ -15,8 +15,8 @@ CLIP architecture: the method runs, its targets carry no language; every log lin
 
 Deviations from the reference:
 - The teacher is the CLIP visual tower with ln_post + proj on all tokens (clip_demo.py with finetune=False), loaded
-  strictly; the reference's main_pretrain.py passes 'base' as `finetune` and loads non-strictly (sheet gotcha 1).
-  OpenAI's TorchScript file is read with torch.jit.load (the reference expects a pickled state dict).
+  strictly; the reference's main_pretrain.py passes 'base' as `finetune` and loads non-strictly (a silent partial load).
+  OpenAI's TorchScript file is read as data, its code never run (the reference expects a pickled state dict).
 - Only the last block's cls-query attention row is computed explicitly (fp32 softmax); the rest runs through SDPA.
 - The prediction width is the teacher's output width (512 for CLIP ViT-B/16, hard-coded in the reference).
 - The effective batch is `--global_batch` (4096, PRETRAIN.sh: 256 x accum 2 x 8 GPUs); `accum_iter` is derived.
@@ -27,9 +27,12 @@ Deviations from the reference:
 - Data: JPEGs decoded at reduced size by `Image.draft` when the crop allows it, crop + resize in one call.
 """
 import dataclasses
+import io
 import json
 import math
+import pickle
 import time
+import zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, load_checkpoint, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, resume, save_grid, save_loss_curve,
-                    save_training_state, setup_run, sincos_2d, unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, load_checkpoint, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, report_flops, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, sincos_2d, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -51,11 +54,11 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model and random teacher on synthetic images, a couple of minutes on a CPU
+    demo: bool = False  # tiny model and random teacher on synthetic images: 71 s of CPU time
     output_dir: str = 'output_milan'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     teacher: Optional[str] = None  # CLIP ViT-B-16.pt (TorchScript) or a state dict of its keys; 'random': no language
     model: str = 'base'  # tiny | base | large (MODELS below; paper headline ViT-B/16)
-    input_size: tuple = (224,)  # H [W], divisible by the patch; the teacher must have as many tokens
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # the CLIP teacher reads RGB
     mask_ratio: float = 0.75  # ref PRETRAIN.sh --mask_ratio 0.75
     attn_mask: bool = True  # ref PRETRAIN.sh --attn_mask: semantic-aware sampling (off: uniform random, paper ablation)
@@ -63,7 +66,7 @@ class Args:
     global_batch: int = 4096  # ref PRETRAIN.sh 256 x accum 2 x 8 GPUs
     epochs: int = 400  # ref PRETRAIN.sh, paper Sec. 4
     warmup_epochs: int = 40  # ref PRETRAIN.sh
-    blr: float = 1.5e-4  # ref PRETRAIN.sh / README (argparse default 1e-3 is not what was run); lr = blr x batch / 256
+    blr: float = 1.5e-4  # ref PRETRAIN.sh, README (argparse default 1e-3 is not what was run); lr = blr x batch / 256
     min_lr: float = 0.0  # ref main_pretrain.py
     weight_decay: float = 0.05  # ref PRETRAIN.sh
     betas: tuple = (0.9, 0.95)  # ref main_pretrain.py
@@ -72,7 +75,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 10  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank; a random teacher uses seed alone
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the student
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MILAN release
@@ -81,6 +84,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref models_milan.py (*_dec512d8b)
@@ -89,6 +93,7 @@ MODELS = {
     'base': (16, 768, 12, 12, 512, 8, 16),
     'large': (16, 1024, 24, 16, 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 # random teachers (width, layers, output): CLIP ViT-B/16's tower, or a small one for the tiny preset (ours)
 RANDOM_TEACHER = {'tiny': (128, 2, 512), 'base': (768, 12, 512), 'large': (768, 12, 512)}
 DEMO = dict(data='synthetic:2048', teacher='random', model='tiny', input_size=(64,), batch_size=64, global_batch=64,
@@ -168,28 +173,70 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x) @ self.proj.to(x.dtype), attn[:, 1:]  # (B, 1+N, out), (B, N)
 
 
+class ScriptObject:  # stands in for every class of a TorchScript archive: keeps its pickled state, runs no code
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ArchiveUnpickler(pickle.Unpickler):
+    """A TorchScript archive's module tree (data.pkl) read as data (torch.jit.load would run the archive's methods,
+    `__setstate__` included): tensors from its storages, its classes as ScriptObject; any other global is refused."""
+    GLOBALS = {'collections.OrderedDict': OrderedDict, 'torch.jit._pickle.restore_type_tag': lambda value, _: value,
+               'torch._utils._rebuild_tensor_v2': lambda data, at, size, stride, *_: data.as_strided(size, stride, at),
+               **{f'torch.jit._pickle.build_{t}list': list for t in ('int', 'double', 'bool', 'tensor')},
+               **{f'torch.{t}Storage': getattr(torch, t.lower()) for t in ('Half', 'Float', 'BFloat16', 'Double',
+                                                                           'Long', 'Int', 'Short', 'Bool')}}
+
+    def __init__(self, archive, root):
+        super().__init__(io.BytesIO(archive.read(f'{root}/data.pkl')))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module, name):
+        found = ScriptObject if module.startswith('__torch__') else self.GLOBALS.get(f'{module}.{name}')
+        if found is None:  # e.g. os.system: a function that could run code
+            raise pickle.UnpicklingError(f'refused {module}.{name}: a teacher holds only modules and tensors')
+        return found
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, device, numel) -> a flat tensor of the stored bytes
+        data = bytearray(self.archive.read(f'{self.root}/data/{pid[2]}'))
+        return torch.frombuffer(data, dtype=pid[1]) if data else torch.empty(0, dtype=pid[1])
+
+
+def script_tensors(obj, prefix=''):
+    """Every tensor under a module read by ArchiveUnpickler, by dotted name (as torch.jit.load(...).state_dict())."""
+    out = {}
+    for k, v in (obj.state.items() if isinstance(getattr(obj, 'state', None), dict) else ()):
+        out.update({prefix + k: v} if isinstance(v, torch.Tensor) else
+                   script_tensors(v, f'{prefix}{k}.') if isinstance(v, ScriptObject) else {})
+    return out
+
+
 def load_teacher(path, n_tokens, patch, in_chans):
-    """A CLIP visual tower from OpenAI's TorchScript file or a plain state dict (fp16 or fp32), strictly; one line and
-    exit when the file is missing, corrupt, not a CLIP ViT, or does not fit the student's patch grid."""
+    """A CLIP visual tower from OpenAI's TorchScript file (read as data) or a plain state dict (fp16 or fp32), strictly;
+    one line and exit when the file is missing, corrupt, not a CLIP ViT, or does not fit the student's patch grid."""
     if not Path(path).is_file():
         raise SystemExit(f'--teacher {path}: no such file (OpenAI CLIP ViT-B-16.pt, or --teacher random)')
-    try:  # TorchScript archive (OpenAI's release); its code is TorchScript, never pickled Python
-        sd = torch.jit.load(str(path), map_location='cpu').state_dict()
-    except Exception:  # a plain state dict (MILAN's clip_vit_base_16.pth.tar): weights_only load, clear errors
+    try:  # a TorchScript archive (OpenAI's release): <root>/constants.pkl, data.pkl and data/<storage>
+        with zipfile.ZipFile(path) as archive:
+            root = next(n[:-14] for n in archive.namelist() if n.count('/') == 1 and n.endswith('/constants.pkl'))
+            sd = script_tensors(ArchiveUnpickler(archive, root).load())
+    except (zipfile.BadZipFile, StopIteration):  # a plain state dict (MILAN's clip_vit_base_16.pth.tar), clear errors
         sd = load_checkpoint(path, '--teacher')
         sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
-    sd = {k[7:]: v.float() for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
-        if isinstance(sd, dict) else {}
-    if 'proj' not in sd or 'conv1.weight' not in sd or 'positional_embedding' not in sd:
+    except Exception as e:
+        raise SystemExit(f'--teacher {path}: TorchScript archive not read ({type(e).__name__}: '
+                         f'{" ".join(str(e).split())[:200]})') from None
+    sd = {k[7:]: v for k, v in sd.items() if k.startswith('visual.') and isinstance(v, torch.Tensor)} \
+        if isinstance(sd, dict) else {}  # fp16 or fp32: load_state_dict copies into the fp32 tower
+    if [sd[k].dim() if k in sd else 0 for k in ('proj', 'conv1.weight', 'positional_embedding')] != [2, 4, 2]:
         raise SystemExit(f'--teacher {path}: not a CLIP ViT image tower (no visual.proj/conv1/positional_embedding)')
     width, c, p, _ = sd['conv1.weight'].shape
     layers = sum(k.endswith('attn.in_proj_weight') for k in sd)
     if p != patch or sd['positional_embedding'].shape[0] != n_tokens or c != in_chans:
-        raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; '
-                         f'the student has patch {patch}, {n_tokens} tokens, {in_chans} channels '
-                         f'(--model/--input_size)')
-    teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
-    try:
+        raise SystemExit(f'--teacher {path}: patch {p}, {sd["positional_embedding"].shape[0]} tokens, {c} channels; the'
+                         f' student has patch {patch}, {n_tokens} tokens, {in_chans} channels (--model/--input_size)')
+    try:  # a tower too big to allocate, or tensors of other shapes (checked before any copy): one line
+        teacher = CLIPVisual(p, width, layers, n_tokens, sd['proj'].shape[1], c)
         teacher.load_state_dict(sd)
     except RuntimeError as e:
         raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({" ".join(str(e).split())[:240]})') from None
@@ -202,8 +249,11 @@ def load_teacher(path, n_tokens, patch, in_chans):
 def attention_order(importance):
     """Semantic-aware sampling: patches ordered by weighted sampling without replacement, weights = the teacher's cls
     attention (fp32; global torch RNG); the first int(N(1-ratio)) stay visible, so high attention is kept more
-    often, not always. importance (B, N) -> ids_shuffle (B, N)"""
-    return torch.multinomial(importance.float(), importance.shape[1], replacement=False)
+    often, not always. Drawn as the reference's torch.multinomial(replacement=False) draws it, by an exponential race
+    (w / E, E ~ Exp(1), sorted descending: the Gumbel top-k trick, exact), without multinomial's input checks, which
+    synced the host until pytorch#134818 (2024). importance (B, N) -> ids_shuffle (B, N)"""
+    w = importance.float()
+    return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)
 
 
 def random_order(B, N, device):
@@ -376,6 +426,7 @@ def visualize(model, teacher, imgs, args, path, random_teacher):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -430,6 +481,9 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    img = vis_imgs[:1]  # FLOPs of one image: the student's training step, the frozen teacher's forward
+    flops = report_flops(d, count_flops(model, img, *teacher(img), args.mask_ratio), args.global_batch,
+                         teacher=count_flops(teacher, img))
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -438,7 +492,8 @@ def main(args):
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
     # every log line says when the targets come from a random teacher
-    logger, saved, stop = Logger(out, d, step, note=' [RANDOM teacher]' if random_teacher else ''), step, None
+    note = ' [RANDOM teacher]' if random_teacher else ''
+    logger, saved, stop = Logger(out, d, step, note=note, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -6,7 +6,7 @@ image (i <-> B-1-i, one mask for the batch). A hierarchical Swin-like encoder (n
 [14, 14, 14, 7]) whose attention never crosses from one image to the other encodes the mixed input; the decoder
 "unmixes" it into two sequences and each image is reconstructed, every unit from the branch in which it was hidden.
 
-    python mixmim.py --demo                                       # tiny model, synthetic images, CPU, ~2 min
+    python mixmim.py --demo                                       # tiny model, synthetic images: 29 s of CPU time
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/        # Swin-B/W14, the official 600-epoch recipe
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/ --epochs 300   # mmpretrain's shorter schedule
 
@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, patchify, report_flops, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -47,10 +47,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny model on synthetic images: 29 s of CPU time
     output_dir: str = 'output_mixmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper Swin-B/W14, L/W14, H)
-    input_size: tuple = (224,)  # H [W], each divisible by 32 (the mask grid); ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 32 (the mask unit); None: the preset's (ref 224)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.5  # paper Sec. 4.1; ref exp/base_600ep/pretrain.sh --mask_ratio 0.5
     norm_pix_loss: bool = True  # ref pretrain.sh --norm_pix_loss
@@ -67,7 +67,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 8  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MixMIM release
@@ -76,6 +76,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # checkpoint-<epoch>.pth every 20 epochs and at the last (ref main_pretrain.py)
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (embed dim, depths, heads, windows, decoder D, decoder depth, decoder heads)  ref models_mixmim.py
@@ -85,6 +86,7 @@ MODELS = {
     'large': (192, (2, 2, 18, 2), (6, 12, 24, 48), (14, 14, 14, 7), 512, 8, 16),
     'huge': (352, (2, 2, 18, 2), (11, 22, 44, 88), (14, 14, 14, 7), 512, 8, 16),
 }
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 PATCH, STRIDE = 4, 32  # patch embedding 4 px; three 2x merges: the encoder's output stride (= mask unit) is 32 px
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=32, global_batch=32, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_mixmim_demo', log_every=8, keep_every=3)
@@ -261,9 +263,9 @@ class MixMIM(nn.Module):
         """z (B, n, 8D) -> (2B, n, 32*32*C): rows [0, B) keep sample i's own-image tokens (mask tokens where image i
         was hidden), rows [B, 2B) keep its partner tokens (mask tokens elsewhere)."""
         y = self.decoder_embed(z)  # (B, n, Dd)
-        m = mask[..., None]  # (1, n, 1)
-        tok = self.mask_token.to(y.dtype)
-        y = torch.cat([torch.where(m, tok, y), torch.where(m, y, tok)]) + self.decoder_pos_embed  # (2B, n, Dd)
+        m = mask[..., None]  # (1, n, 1); the fp32 token is not cast: under autocast its gradient sums in fp32 (ref)
+        y = torch.cat([torch.where(m, self.mask_token, y), torch.where(m, y, self.mask_token)])  # (2B, n, Dd)
+        y = y + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             y = blk(y)
         return self.decoder_pred(self.decoder_norm(y))  # (2B, n, 32*32*C)
@@ -304,8 +306,9 @@ def forward_loss(imgs, pred, mask, norm_pix_loss):
 
 @torch.no_grad()
 def visualize(model, imgs, args, path):
-    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask.
-    A norm-pix reconstruction is shown with the true patch mean/std, and the picture says so."""
+    """image A | image B (its partner) | mixed input | reconstruction of A | of B, for a fixed batch and mask; A and B
+    are dimmed where the mixed input hides them. A norm-pix reconstruction is shown with the true patch mean/std,
+    and the picture says so."""
     was_training = model.training
     model.eval()
     (gh, gw), B, C = model.grids[3], imgs.shape[0], imgs.shape[1]
@@ -321,7 +324,10 @@ def visualize(model, imgs, args, path):
     mixed = torch.where(mask[..., None], target.flip(0), target)  # (B, n, P): what the encoder sees, in pixels
     mean, std = torch.tensor(args.mean, device=imgs.device), torch.tensor(args.std, device=imgs.device)
     to_img = lambda t: unpatchify(t, STRIDE, gh, gw, C) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # noqa: E731
-    save_grid(path, [('image A', to_img(target)), (f'image B\n(A of row {B}-1-i)', to_img(target.flip(0))),
+    up = lambda m: m.view(1, 1, gh, gw).repeat_interleave(STRIDE, 2).repeat_interleave(STRIDE, 3)  # noqa: E731
+    dim = lambda t, m: torch.where(up(m), 0.35 * to_img(t), to_img(t))  # noqa: E731  (hidden units dimmed)
+    save_grid(path, [('image A\n(dim: hidden)', dim(target, mask)),
+                     (f'image B (A of row\n{B}-1-i; dim: hidden)', dim(target.flip(0), ~mask)),
                      ('mixed input', to_img(mixed)), ('reconstruction\nof A *', to_img(rec)),
                      ('reconstruction\nof B *', to_img(rec.flip(0)))], note)
     model.train(was_training)
@@ -332,6 +338,7 @@ def visualize(model, imgs, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     embed_dim, depths, heads, windows, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % STRIDE or W % STRIDE:
@@ -343,6 +350,8 @@ def main(args):
                              f'{ws} of --model {args.model}')
     n = grids[3][0] * grids[3][1]
     check_mask_ratio(args.mask_ratio, int(n * args.mask_ratio), n, 'units')  # as batch_mask rounds
+    if args.batch_size == 1:  # image i's partner is image B-1-i of the same batch: alone, it would mix with itself
+        raise SystemExit('--batch_size 1: MixMIM mixes each image with another of its per-GPU batch; give 2 or more')
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
@@ -366,8 +375,9 @@ def main(args):
 
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
-    if d.world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
+    if d.world > 1:  # constant index buffers: no per-step broadcast
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
+                                                  broadcast_buffers=False)
 
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
@@ -380,13 +390,14 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], args.mask_ratio), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -5,12 +5,12 @@ main_simmim.py, optimizer.py, lr_scheduler.py, configs/). The encoder sees every
 learned mask token right after the patch embedding. A one-layer head (1x1 conv + PixelShuffle) regresses the raw
 pixels, and an L1 loss counts only the masked area. Unlike MAE this works for hierarchical encoders such as Swin.
 
-    python simmim.py --demo                                        # tiny Swin, synthetic images, CPU, ~1.5 min
+    python simmim.py --demo                                        # tiny Swin, synthetic images: 65 s of CPU time
     torchrun --nproc_per_node=8 simmim.py --data imagenet/         # Swin-B/192, window 6, 100-epoch recipe
     torchrun --nproc_per_node=8 simmim.py --data imagenet/ --model vit_base   # ViT-B/16 at 224, 800 epochs
 
 Deviations from the reference:
-- The effective batch is `--global_batch` (2048, the README's 16 GPUs x 128); `accum_iter` is derived from it.
+- The effective batch is `--global_batch` (2048, the reference README's 16 GPUs x 128); `accum_iter` is derived from it.
 - bf16 autocast by default on CUDA (reference: apex O1 mixed precision; `--amp fp16` gives fp16 + GradScaler).
 - Masks are drawn on the device each step (reference: numpy in the data workers); same algorithm and counts.
 - The schedule is set from the fractional epoch, i.e. per optimizer step; the reference steps timm's scheduler per
@@ -38,9 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Logger, Mlp, PatchEmbed, RelativePositionBias,
-                    accumulation, amp_setup, check_args, check_mask_ratio, drop_path, finish, image_dataset,
-                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, resume, save_grid,
-                    save_loss_curve, save_training_state, setup_run, unwrap)
+                    accumulation, amp_setup, check_args, check_mask_ratio, count_flops, drop_path, finish,
+                    image_dataset, make_loader, normalize, optimizer_step, pair, param_groups, parse_args, report_flops,
+                    resume, save_grid, save_loss_curve, save_training_state, setup_run, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -48,7 +48,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Logger, Mlp, 
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny Swin on synthetic images, a minute or two on a laptop CPU
+    demo: bool = False  # tiny Swin on synthetic images: 65 s of CPU time
     output_dir: str = 'output_simmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'swin_base'  # swin_base | swin_large | vit_base | tiny | vit_tiny (MODELS below)
     input_size: Optional[tuple[int, ...]] = None  # H [W]; None: the preset's (Swin 192, ViT 224; ref configs)
@@ -72,7 +72,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref data_simmim.py Normalize
     num_workers: int = 8  # ref config.py DATA.NUM_WORKERS
     seed: int = 0  # ref config.py SEED; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference SimMIM pretraining release
@@ -81,6 +81,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 5  # ref configs SAVE_FREQ: checkpoint-<epoch>.pth every 5 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # ref configs/*.yaml and models/build.py; img/epochs/drop_path are the presets' recipe defaults
@@ -287,8 +288,8 @@ class SwinForSimMIM(nn.Module):
 
     def forward(self, x, mask):
         x = self.patch_embed.norm(self.patch_embed(x))  # (B, N, C)
-        w = mask.flatten(1).unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked tokens replaced before anything else
+        w = mask.flatten(1).unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast
+        x = x * (1 - w) + self.mask_token * w  # the token's gradient sums in fp32; masked tokens replaced first of all
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # (B, N/64, 8C)
@@ -335,9 +336,9 @@ class ViTForSimMIM(nn.Module):
 
     def forward(self, x, mask):
         x = self.patch_embed(x)  # (B, N, D)
-        w = mask.flatten(1).unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+        w = mask.flatten(1).unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast
+        x = x * (1 - w) + self.mask_token * w  # the token's gradient sums in fp32 (in fp16: can overflow a GradScaler)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         bias = self.rel_pos_bias()  # (1, heads, 1+N, 1+N), shared by all blocks
         for blk in self.blocks:
             x = blk(x, bias)
@@ -467,13 +468,15 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], torch.zeros(1, H // patch, W // patch).bool()),
+                         args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

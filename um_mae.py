@@ -6,25 +6,23 @@ visible units pack into a dense quarter-size image that a windowed/pyramid encod
 hides a quarter of those behind a shared token so the task stays hard. A light decoder regresses the norm-pix of
 the 75% uniformly masked units.
 
-    python um_mae.py --demo                                        # tiny Swin, synthetic images, CPU, ~2 min
+    python um_mae.py --demo                                        # tiny Swin, synthetic images: 31 s of CPU time
     torchrun --nproc_per_node=8 um_mae.py --data imagenet/         # Swin-T at 256, the Makefile's 200-epoch recipe
     torchrun --nproc_per_node=8 um_mae.py --data imagenet/ --model pvt_small    # PVT-S, same recipe
 
 Deviations from the reference:
 - Each visible token gets the decoder position of its own unit. The reference adds `P[~mask]` (full-grid raster
-  order) to tokens that leave PixelShuffle in compact (block) order, so most visible tokens get a neighbour's
-  position (sheet gotcha 6); masked tokens and targets are the same as the reference's.
+  order) to tokens that leave PixelShuffle in block order, so about 3 in 4 visible tokens get the position of a
+  neighbour in the same row of blocks; masked tokens and targets are the same. `--ref_decoder_order` computes the
+  reference's order exactly: use it to continue the released checkpoints, whose decoders learnt that order.
 - Uniform masks are drawn on the device each step from the reference's balanced pool (each in-block position
   len(pool)/4 times, shuffled, the first blocks taken: the same distribution), not by numpy in the data workers.
-- The effective batch is `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile); `accum_iter` is derived.
-- bf16 autocast by default on CUDA (reference: fp16 + GradScaler, which `--amp fp16` gives). AdamW is torch's fused
-  kernel, so a non-finite step is skipped on the device and counted (reference: sys.exit); `--max_bad_steps` in a
-  row stop the run. An epoch is truncated to a whole number of accumulation cycles.
-- Window attention with the posmlp bias runs through SDPA (same values up to rounding); `log1p` for log(1+|d|).
-- Non-square inputs work (reference: square); `--in_chans 1` predicts one channel (reference: always 3).
-- `checkpoint-<epoch>.pth` counts finished epochs; the reference names them by the 0-based epoch index.
-- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it, and crop + resize is one
-  `Image.resize(box=...)` call, so crops from big JPEGs differ from torchvision's by resampling detail only.
+- `--global_batch` (4096 = 8 GPUs x 128 x accum 4, Makefile) derives `accum_iter`; an epoch is truncated to whole
+  accumulation cycles. bf16 autocast by default on CUDA (reference: fp16 + GradScaler: `--amp fp16`). Fused AdamW
+  skips a non-finite step on the device and counts it (reference: sys.exit); `--max_bad_steps` in a row stop the run.
+- Window attention with the posmlp bias runs through SDPA (same values up to rounding). Non-square inputs work
+  and `--in_chans 1` predicts one channel (reference: square, 3). `checkpoint-<epoch>.pth` counts finished epochs.
+- Data: JPEGs are decoded at reduced size by `Image.draft` when the crop allows it; crop + resize is one PIL call.
 """
 import dataclasses
 import json
@@ -39,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, patchify, resume, save_grid, save_loss_curve, save_training_state,
-                    setup_run, sincos_2d, unpatchify, unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, load_checkpoint, make_loader,
+                    normalize, optimizer_step, pair, param_groups, parse_args, patchify, report_flops, resume, save_grid,
+                    save_loss_curve, save_training_state, setup_run, sincos_2d, unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -49,13 +47,14 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, Mlp, PatchEmbed,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny Swin on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny Swin on synthetic images: 31 s of CPU time
     output_dir: str = 'output_um_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'swin_tiny'  # swin_tiny | swin_large | pvt_small | tiny | pvt_tiny (MODELS below)
-    input_size: tuple = (256,)  # H [W], multiples of 2 units; ref Makefile --input_size 256
+    input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 2 units; None: the preset's (ref 256, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.75  # ref --mask_ratio 0.75 --mask_regular: the only ratio uniform sampling has
     vis_mask_ratio: float = 0.25  # ref Makefile --vis_mask_ratio: share of the visible units secondary-masked
+    ref_decoder_order: bool = False  # decoder positions in the reference's order: to continue its released checkpoints
     norm_pix_loss: bool = True  # ref Makefile --norm_pix_loss
     batch_size: int = 128  # per GPU; ref Makefile
     global_batch: int = 4096  # ref Makefile: 8 GPUs x 128 x accum 4; accum = global_batch / (batch_size x GPUs)
@@ -70,7 +69,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref mask_transform.py Normalize
     num_workers: int = 10  # ref main_pretrain.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference UM-MAE release
@@ -79,21 +78,22 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref main_pretrain.py: checkpoint-<epoch>.pth every 20 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # ref models_mae_swin.py / models_mae_pvt.py constructors; dec = (dim, depth, heads). A mask unit is
 # patch x 2^(stages-2) px (16 for patch 4); Swin dims double per stage.
 MODELS = {
     'swin_tiny': dict(kind='swin', patch=4, dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), heads=(3, 6, 12, 24),
-                      window=8, posmlp=32, dec=(512, 2, 16)),  # mae_swin_tiny_256_dec512d2b
+                      window=8, posmlp=32, dec=(512, 2, 16), img=256),  # mae_swin_tiny_256_dec512d2b
     'swin_large': dict(kind='swin', patch=4, dims=(192, 384, 768, 1536), depths=(2, 2, 18, 2),
-                       heads=(6, 12, 24, 48), window=8, posmlp=64, dec=(512, 8, 16)),  # ..._dec512d8b64pmd
+                       heads=(6, 12, 24, 48), window=8, posmlp=64, dec=(512, 8, 16), img=256),  # ..._dec512d8b64pmd
     'pvt_small': dict(kind='pvt', patch=4, dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), heads=(1, 2, 5, 8),
-                      mlp=(8, 8, 4, 4), sr=(4, 2, 1, 1), dec=(512, 2, 16)),  # mae_pvt_small_256_dec512d2b
+                      mlp=(8, 8, 4, 4), sr=(4, 2, 1, 1), dec=(512, 2, 16), img=256),  # mae_pvt_small_256_dec512d2b
     'tiny': dict(kind='swin', patch=2, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), heads=(1, 2, 4, 8),
-                 window=4, posmlp=16, dec=(64, 1, 4)),  # ours, for the demo and tests: 8-px units
+                 window=4, posmlp=16, dec=(64, 1, 4), img=64),  # ours, for the demo and tests: 8-px units
     'pvt_tiny': dict(kind='pvt', patch=2, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 2, 4, 8),
-                     mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4)),  # ours, for tests
+                     mlp=(4, 4, 4, 4), sr=(4, 2, 1, 1), dec=(64, 1, 4), img=64),  # ours, for tests
 }
 DEMO = dict(data='synthetic:1024', model='tiny', input_size=(64,), batch_size=64, global_batch=64, epochs=6,
             warmup_epochs=1, blr=1.5e-3, num_workers=2, output_dir='output_um_mae_demo', log_every=8, keep_every=3)
@@ -125,8 +125,7 @@ def secondary_mask(mask, ratio, noise=None):
 
 
 def unit_order(mask):
-    """(B, L): the visible units' indices in raster order, then the masked units' in raster order (what the
-    reference's boolean indexing gives, without its host sync)."""
+    """(B, L): visible units in raster order, then masked ones (the reference's boolean indexing, without a sync)."""
     return mask.to(torch.uint8).argsort(dim=1, stable=True)
 
 
@@ -162,15 +161,14 @@ def shifted_window_mask(H, W, ws, shift):
 
 class WindowAttention(nn.Module):
     """Window attention whose relative bias is an MLP ('posmlp', 1x1 convs) of sign(d) log(1+|d|), d = pos_j - pos_i
-    the difference of the ORIGINAL token coordinates carried through compaction (ref gotcha 3)."""
+    the difference of the ORIGINAL token coordinates carried through packing (the geometry fine-tuning sees)."""
 
     def __init__(self, dim, num_heads, posmlp_dim):
         super().__init__()
         self.num_heads = num_heads
         self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True),
                                     nn.Conv2d(posmlp_dim, num_heads, 1))
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
 
     def forward(self, x, pos, mask=None):  # x (B, nW, N, C); pos (B, nW, N, 2); mask (nW, N, N) additive or None
         B, nW, N, C = x.shape
@@ -188,8 +186,7 @@ class WindowAttention(nn.Module):
 
 
 class PatchMerge(nn.Module):
-    """LayerNorm then a 2x2 stride-2 conv (not Swin's concat + Linear); the carried coordinates are halved. `norm`
-    None for PVT (a bare conv)."""
+    """LayerNorm (none for PVT) then a 2x2 stride-2 conv, not Swin's concat + Linear."""
 
     def __init__(self, dim_in, dim_out, norm=True):
         super().__init__()
@@ -206,13 +203,12 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim, res, num_heads, ws, shift, posmlp_dim, merge_from=None):
         super().__init__()
-        if min(res) <= ws:
-            ws, shift = min(res), 0
-        self.ws, self.shift = ws, shift
+        self.ws, self.shift = (min(res), 0) if min(res) <= ws else (ws, shift)
         self.downsample = PatchMerge(merge_from, dim) if merge_from else None
         self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, num_heads, posmlp_dim)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
-        self.register_buffer('attn_mask', shifted_window_mask(*res, ws, shift) if shift else None, persistent=False)
+        self.register_buffer('attn_mask', shifted_window_mask(*res, self.ws, self.shift) if self.shift else None,
+                             persistent=False)
 
     def forward(self, x, pos):  # x (B, H*W, C); pos (B, H, W, 2) before the merge
         if self.downsample is not None:
@@ -273,9 +269,10 @@ class PVTBlock(nn.Module):
 class UMMAE(nn.Module):
     """MaskedAutoencoderSwin / MaskedAutoencoderPVT with the reference's parameter names (flat `blocks`)."""
 
-    def __init__(self, cfg, img_size, in_chans=3, vis_mask_ratio=0.25, norm_pix_loss=True):
+    def __init__(self, cfg, img_size, in_chans=3, vis_mask_ratio=0.25, norm_pix_loss=True, ref_decoder_order=False):
         super().__init__()
         self.kind, self.vis_mask_ratio, self.norm_pix_loss = cfg['kind'], vis_mask_ratio, norm_pix_loss
+        self.ref_decoder_order = ref_decoder_order
         dims, p = cfg['dims'], cfg['patch']
         self.K = 2 ** (len(dims) - 2)  # tokens per unit side (4): packed stride 2p 2^(S-1), then PixelShuffle(2)
         self.unit = p * self.K  # 16 px
@@ -315,11 +312,8 @@ class UMMAE(nn.Module):
         if self.vis_mask_ratio > 0:
             nn.init.normal_(self.vis_mask_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):  # LayerNorms keep PyTorch's (1, 0), which the reference sets again
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):  # every conv (merges, posmlp, sr) fan-out normal ...
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -350,24 +344,16 @@ class UMMAE(nn.Module):
                 x, H, W = blk(x, H, W)
         return self.norm(x)  # (B, L/16, C_last): the packed grid at stride 2 units
 
-    def visible_units(self, mask):
-        """The visible unit of each 2x2 block in block raster order (PixelShuffle's order): (B, L/4) unit indices."""
-        B, (uh, uw) = mask.shape[0], self.unit_grid
-        m = mask.view(B, uh // 2, 2, uw // 2, 2).permute(0, 1, 3, 2, 4).reshape(B, -1, 4)  # (B, nb, 4) in-block
-        k = (~m).float().argmax(dim=-1)  # (B, nb): which of the 4 is visible
-        bi, bj = torch.arange(uh // 2, device=mask.device)[:, None], torch.arange(uw // 2, device=mask.device)
-        top_left = (2 * bi * uw + 2 * bj).flatten()  # (nb,) the block's first unit
-        return top_left + (k // 2) * uw + k % 2  # (B, nb)
-
     def forward_decoder(self, latent, mask):
-        B, (uh, uw) = latent.shape[0], self.unit_grid
+        B, (uh, uw), nb = latent.shape[0], self.unit_grid, mask.shape[1] // 4
         x = self.decoder_embed(latent)  # (B, L/16, 4 Dd) on the packed grid (stride 2 units)
         x = self.decoder_expand(x.transpose(1, 2).reshape(B, -1, uh // 4, uw // 4))  # (B, Dd, uh/2, uw/2)
         x = x.flatten(2).transpose(1, 2)  # (B, nb, Dd): one token per visible unit, block raster order
-        P = self.decoder_pos_embed.expand(B, -1, -1)  # (B, L, Dd)
-        pos_vis = P.gather(1, self.visible_units(mask)[..., None].expand(-1, -1, P.shape[2]))  # its own unit's
-        ids = unit_order(mask)[:, mask.shape[1] // 4:, None].expand(-1, -1, P.shape[2])  # masked, raster order
-        pos_mask = P.gather(1, ids)  # (B, n_mask, Dd): the same order as the targets
+        P, order = self.decoder_pos_embed.expand(B, -1, -1), unit_order(mask)  # (B, L, Dd), (B, L)
+        blocks = torch.arange(uh * uw, device=mask.device).view(uh // 2, 2, uw // 2, 2).permute(0, 2, 1, 3).flatten()
+        own = blocks[unit_order(mask[:, blocks])[:, :nb]]  # (B, nb): each token's unit, block by block
+        pos_vis = P.gather(1, (order[:, :nb] if self.ref_decoder_order else own)[..., None].expand(-1, -1, P.shape[2]))
+        pos_mask = P.gather(1, order[:, nb:, None].expand(-1, -1, P.shape[2]))  # masked units, raster order
         x = torch.cat([x + pos_vis, self.mask_token + pos_mask], dim=1)  # (B, L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -414,8 +400,7 @@ def visualize(model, imgs, args, path):
     _, out = model(imgs, mask, noise)
     hidden = secondary_mask(mask, model.vis_mask_ratio, noise)  # (B, L)
     target = patchify(imgs, u)  # (B, L, u*u*C)
-    pred = torch.zeros_like(target)
-    pred[mask] = out['pred'][:, uh * uw // 4:].float().reshape(-1, target.shape[-1])
+    pred = torch.zeros_like(target).masked_scatter(mask[..., None], out['pred'][:, uh * uw // 4:].float())  # at masked
     title, note = 'reconstruction', ''
     if args.norm_pix_loss:
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
@@ -438,6 +423,7 @@ def visualize(model, imgs, args, path):
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
     cfg = MODELS[args.model]
+    args = dataclasses.replace(args, input_size=args.input_size or (cfg['img'],))  # the preset's size
     H, W = pair(args.input_size)
     unit, S = cfg['patch'] * 2 ** (len(cfg['dims']) - 2), len(cfg['dims'])
     res = [(H // cfg['patch'] // 2 ** (i + 1), W // cfg['patch'] // 2 ** (i + 1)) for i in range(S)]  # compact grids
@@ -467,12 +453,20 @@ def main(args):
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
-    model = UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio, args.norm_pix_loss).to(d.device)
+    model = UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio, args.norm_pix_loss,
+                  args.ref_decoder_order).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # ref add_weight_decay without a skip list: mask tokens are decayed
     autocast, scaler = amp_setup(args.amp, d.device)
 
+    fresh = d.main and args.init and not args.resume and not (out / 'checkpoint.pth').exists()  # not resuming
+    init = load_checkpoint(args.init) if fresh else None
+    if isinstance(init, dict) and 'decoder_pred.weight' in init.get('model', init):  # a trained decoder: which order?
+        trained = init['args'].get('ref_decoder_order') if init.get('method') == 'um_mae.py' else True  # ref: its own
+        was, now = ('reference' if flag else 'own-unit' for flag in (trained, args.ref_decoder_order))
+        print(f'--init {args.init}: its decoder learnt the {was} position order; this run uses the {now} order'
+              + ('' if was == now else f' ({"add" if trained else "drop"} --ref_decoder_order to keep it)'))
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant buffers (window masks, coordinates): no per-step broadcast
@@ -490,13 +484,15 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    one_mask = uniform_mask(1, H // unit, W // unit, 'cpu', torch.Generator())  # its own RNG: the run's is kept
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], one_mask), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -7,7 +7,7 @@ dataset/pretrain_datasets.py. MAE for video: 2x16x16 tubelets, 90% of them hidde
 spatial mask in every temporal slice), an encoder on the visible 10% and a 4-block decoder that regresses the
 per-tubelet, per-channel normalised pixels of the hidden tubelets.
 
-    python videomae.py --demo                                            # tiny model, synthetic videos, CPU
+    python videomae.py --demo                                         # tiny model, synthetic videos: 39 s of CPU time
     torchrun --nproc_per_node=8 videomae.py --data k400_frames/          # ViT-B, 16x4 clips, the K400 recipe
     torchrun --nproc_per_node=8 videomae.py --data ssv2_frames/ --sampling_rate 2     # SSv2 (16x2 clips)
 
@@ -53,9 +53,10 @@ import torch.nn as nn
 from PIL import Image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger, PatchEmbed, accumulation, amp_setup,
-                    check_args, check_mask_ratio, check_readable, cosine_lr, finish, make_loader, normalize,
-                    optimizer_step, pair, param_groups, parse_args, patchify, read_or_next, resume, save_grid,
-                    save_loss_curve, save_training_state, setup_run, to_mode, unpatchify, unwrap)
+                    check_args, check_mask_ratio, check_readable, cosine_lr, count_flops, data_root, finish,
+                    make_loader, normalize, optimizer_step, pair, param_groups, parse_args, patchify, read_or_next,
+                    report_flops, resume, save_grid, save_loss_curve, save_training_state, scan, setup_run, to_mode,
+                    unpatchify, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -63,10 +64,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Logger
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of videos (frame folders, .gif; its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic videos, a minute or two on a laptop CPU
+    demo: bool = False  # tiny model on synthetic videos: 39 s of CPU time
     output_dir: str = 'output_videomae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | small | base | large | huge (MODELS below); ref scripts: ViT-B
-    input_size: tuple = (224,)  # H [W], each divisible by the patch size; ref --input_size 224
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     num_frames: int = 16  # frames per clip; ref scripts --num_frames 16
     sampling_rate: int = 4  # temporal stride; ref K400 scripts 4, SSv2 scripts 2
@@ -87,7 +88,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref GroupNormalize
     num_workers: int = 10  # ref run_mae_pretraining.py
     seed: int = 0  # ref; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference pretraining checkpoint
@@ -96,6 +97,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 20  # ref scripts --save_ckpt_freq 20: checkpoint-<epoch>.pth, and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, decoder D, decoder depth, decoder heads)  ref modeling_pretrain.py, --decoder_depth 4
@@ -106,6 +108,7 @@ MODELS = {
     'large': (16, 1024, 24, 16, 512, 4, 8),
     'huge': (16, 1280, 32, 16, 640, 4, 8),
 }
+INPUT_SIZE = {'tiny': 64, 'small': 224, 'base': 224, 'large': 224, 'huge': 224}  # px when --input_size is not given
 DEMO = dict(data='synthetic:512', model='tiny', input_size=(64,), num_frames=8, batch_size=16, global_batch=16,
             epochs=5, warmup_epochs=1, blr=5e-3, num_workers=2, output_dir='output_videomae_demo', log_every=8,
             keep_every=5)
@@ -277,17 +280,14 @@ class VideoFolders(torch.utils.data.Dataset):
     one and counted. Only folder paths are kept (a frame folder is listed when read): K400 has ~70M frames."""
 
     def __init__(self, root, num_frames, sampling_rate, size, in_chans=3, seed=0):
-        root = Path(root)
-        if not root.is_dir():
-            raise SystemExit(f'data folder {root} does not exist (give --data PATH, or --data synthetic)')
-        root = root / 'train' if (root / 'train').is_dir() else root
+        root = data_root(root)
         self.files, empty = [], []  # frame folders and .gif files
-        for dirpath, dirs, files in os.walk(root, followlinks=True):
-            gifs = [os.path.join(dirpath, f) for f in files if f.lower().endswith('.gif')]
-            if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-                self.files.append(dirpath)
-            elif not dirs and not gifs:
-                empty.append(dirpath)
+        for folder, files, has_subfolders in scan(root, IMAGE_EXTENSIONS + ('.gif',)):
+            gifs = [os.path.join(folder, f) for f in files if f.lower().endswith('.gif')]
+            if len(gifs) < len(files):
+                self.files.append(folder)
+            elif not has_subfolders and not gifs:
+                empty.append(folder)
             self.files += gifs
         self.files.sort()
         if not self.files:
@@ -416,6 +416,7 @@ def visualize(model, videos, args, path, n_frames=4):
 
 def main(args):
     check_args(args, MODELS, positive=('num_frames', 'sampling_rate', 'tubelet'))  # one line and exit, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -464,13 +465,14 @@ def main(args):
     vis_clips = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(2)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_clips = normalize(vis_clips, mean, std)  # a fixed batch for the pictures
+    flops = report_flops(d, count_flops(model, vis_clips[:1], args.mask_ratio), args.global_batch, 'clip')
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_clips, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step, unit='clip'), step, None  # log.jsonl's img_per_s counts clips
+    logger, saved, stop = Logger(out, d, step, unit='clip', flops=flops), step, None  # img_per_s in log.jsonl: clips
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

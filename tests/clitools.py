@@ -40,7 +40,8 @@ def load(path):
 
 
 def assert_same(a, b, where='state'):
-    """Recursive exact equality of (nested) state dicts: tensors with torch.equal, everything else with ==."""
+    """Recursive exact equality of (nested) state dicts: tensors with torch.equal, everything else with ==. Only for
+    the same computation recomputed: both runs with the same threads (env()) and the same batch sizes."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
         assert torch.equal(a, b), f'{where}: max diff {(a.double() - b.double()).abs().max().item()}'

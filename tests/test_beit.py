@@ -194,12 +194,35 @@ def test_loss_is_cross_entropy_over_all_masked_tokens():
                 total -= F.log_softmax(model.lm_head(feats[b, i]).double(), -1)[ids[b, i]].item()
                 n += 1
     assert n == 21 and loss.item() == pytest.approx(total / n, rel=1e-5)
-    per_image = np.mean([F.cross_entropy(out['logits'][s:e], ids[mask][s:e]).item()
+    logits = out['logits'][out['valid']]  # (21, V): the masked tokens in row-major order (k = N: no padding cut)
+    per_image = np.mean([F.cross_entropy(logits[s:e], ids[mask][s:e]).item()
                          for s, e in ((0, 3), (3, 10), (10, 21))])
     assert abs(per_image - loss.item()) > 1e-4  # not a mean of per-image means
-    assert out['logits'].shape == (21, 32)
-    acc = (out['logits'].argmax(-1) == ids[mask]).float().mean()
+    assert out['logits'].shape == (3, 16, 32) and logits.shape == (21, 32)
+    acc = (logits.argmax(-1) == ids[mask]).float().mean()
     assert out['mlm_acc'].item() == pytest.approx(acc.item())
+
+
+def test_fixed_size_head_equals_boolean_indexing():
+    """The LM head on k gathered positions per image (a fixed shape) gives the loss, accuracy and gradients of the
+    LM head on x[mask] (a data-dependent shape, a host sync) to fp32 rounding, for any k >= the most masked."""
+    model = tiny().eval()
+    imgs, mask, ids = batch()
+    feats = model.forward_features(imgs, mask)[:, 1:]
+    logits = model.lm_head(feats[mask])  # (21, V): boolean indexing, row-major
+    ref = F.cross_entropy(logits, ids[mask])
+    ref_acc = (logits.argmax(-1) == ids[mask]).float().mean()
+    params = list(model.parameters())
+    ref_grads = torch.autograd.grad(ref, params)
+    for k in (11, 13, None):  # 11: the most masked (image 3); 13: padded; None: all 16
+        loss, out = model(imgs, mask, ids, k)
+        assert out['logits'].shape == (3, k or 16, 32) and out['valid'].sum() == 21
+        assert torch.equal(out['pos'][out['valid']].sort().values, mask.nonzero()[:, 1].sort().values)
+        torch.testing.assert_close(out['logits'][out['valid']], logits, rtol=1e-5, atol=1e-6)  # same rows, same order
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        assert out['mlm_acc'].item() == pytest.approx(ref_acc.item())
+        for g, r in zip(torch.autograd.grad(loss, params), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
 def test_loss_ignores_unmasked_positions():
@@ -211,8 +234,8 @@ def test_loss_ignores_unmasked_positions():
     # logits at unmasked positions never reach the loss: beit_loss on all-token logits after masking them away
     full = model.lm_head(model.forward_features(imgs, mask)[:, 1:])  # (B, N, V)
     noisy = torch.where(mask[..., None], full, full + 100 * torch.randn_like(full))
-    assert beit.beit_loss(noisy[mask], ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
-    assert beit.beit_loss(full[mask], ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert beit.beit_loss(noisy, ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert beit.beit_loss(full, ids, mask).item() == pytest.approx(loss.item(), rel=1e-6)
     # the masked patches' pixels are not seen: changing them leaves the loss unchanged (mask token replaces them)
     up = mask.view(3, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
     assert model(torch.where(up, torch.randn_like(imgs), imgs), mask, ids)[0].item() == pytest.approx(loss.item(),
@@ -329,13 +352,44 @@ def test_restricted_unpickler_refuses_other_calls(tmp_path):
     with pytest.raises(SystemExit) as e:
         beit.load_tokenizer(str(tmp_path / 'evil.pth'))
     assert 'refused' in str(e.value.code) and not target.exists()
+    line = str(e.value.code)  # the refused function by name, not torch's advice to unpickle anyway
+    assert 'posix.system' in line and 'weights_only' not in line and '\x1b' not in line and '\n' not in line, line
     torch.save(EvilDallE(), tmp_path / 'evil2.pkl')
     with pytest.raises(SystemExit) as e:
         beit.load_tokenizer(str(tmp_path / 'evil2.pkl'))
     assert 'refused' in str(e.value.code) and not os.path.exists('HACKED')
+    line = str(e.value.code)
+    assert 'builtins.eval' in line and 'weights_only' not in line and '\x1b' not in line and '\n' not in line, line
     torch.save({'model': {'foo': torch.zeros(2)}}, tmp_path / 'other.pth')  # loads, but is no encoder
     with pytest.raises(SystemExit, match='no DALL-E encoder'):
         beit.load_tokenizer(str(tmp_path / 'other.pth'))
+
+
+def test_dall_e_decoder_and_other_objects_as_tokenizer(tmp_path):
+    """decoder.pkl (the other half of the DALL-E dVAE: tokens in, pixels out) is named; a decoder's state dict, a list
+    and a bare tensor are no tokenizer; one line each."""
+    pkg, dec_mod = types.ModuleType('dall_e'), types.ModuleType('dall_e.decoder')
+    dec_mod.Decoder = type('Decoder', (nn.Module,), {'__module__': 'dall_e.decoder', '__qualname__': 'Decoder'})
+    sys.modules.update({'dall_e': pkg, 'dall_e.decoder': dec_mod})
+    try:
+        decoder = dec_mod.Decoder()
+        decoder.blocks = nn.Sequential()
+        decoder.blocks.input = beit.Conv(32, 16, 1)  # vocab -> n_init, a 1x1 conv
+        torch.save(decoder, tmp_path / 'decoder.pkl')
+    finally:
+        for k in ('dall_e', 'dall_e.decoder'):
+            sys.modules.pop(k, None)
+    torch.save(decoder.state_dict(), tmp_path / 'decoder_sd.pth')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    for name, words in [('decoder.pkl', 'the DALL-E decoder; give the encoder, encoder.pkl'),
+                        ('decoder_sd.pth', "no DALL-E encoder or dVAE tensors (keys like ['blocks.input.w'"),
+                        ('list.pth', 'no DALL-E encoder or dVAE tensors (keys like [])'),
+                        ('tensor.pth', 'no DALL-E encoder or dVAE tensors (keys like [])')]:
+        with pytest.raises(SystemExit) as e:
+            beit.load_tokenizer(str(tmp_path / name))
+        assert e.value.code == f'--tokenizer {tmp_path / name}: {words}' or (
+            e.value.code.startswith(f'--tokenizer {tmp_path / name}: {words}') and '\n' not in e.value.code), e.value.code
 
 
 def test_dvae_file_round_trip(tmp_path):
@@ -391,16 +445,32 @@ def test_tokenizer_stage_lowers_reconstruction_loss(tmp_path, restore_signals):
         '--kl_weight', '0', '--log_every', '4', '--output_dir', str(tmp_path)])
     torch.manual_seed(0)  # what setup_run does for rank 0: the same initial dVAE
     fresh = beit.DVAE(32, 8)
-    vae = beit.train_tokenizer(args)
+    vae = beit.main(args)  # --stage tokenizer: output_dir/tokenizer/tokenizer.pth
     ds = beit.TwoViews(args, (4, 4))
     x = beit.map_pixels(torch.stack([ds[(0, i)][0][1] for i in range(32)]))
     with torch.no_grad():
         before = F.mse_loss(fresh.decoder(F.one_hot(beit.visual_tokens(fresh, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
         after = F.mse_loss(vae.decoder(F.one_hot(beit.visual_tokens(vae, x), 32).float().transpose(1, 2).reshape(32, 32, 4, 4)), x)
     assert after < 0.5 * before, (before, after)
-    recs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    recs = [json.loads(line) for line in open(tmp_path / 'tokenizer' / 'log.jsonl')]
     assert [r['step'] for r in recs] == [4, 8, 12, 16, 20, 24] and recs[-1]['loss'] < recs[0]['loss']
-    assert recs[-1]['lr'] == pytest.approx(1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * 23 / 24)))  # annealed
-    tok = beit.load_tokenizer(str(tmp_path / 'tokenizer.pth'))
+    temps = [1 / 16 + 0.5 * (1 - 1 / 16) * (1 + math.cos(math.pi * s / 24)) for s in range(20, 24)]  # annealed
+    assert recs[-1]['temp'] == pytest.approx(sum(temps) / 4) and recs[-1]['lr'] == 3e-3  # the Adam lr under 'lr'
+    tok = beit.load_tokenizer(str(tmp_path / 'tokenizer' / 'tokenizer.pth'))
     assert type(tok) is beit.DVAE and torch.equal(beit.visual_tokens(tok, x), beit.visual_tokens(vae, x))
-    assert (tmp_path / 'loss.png').exists()
+    assert (tmp_path / 'tokenizer' / 'loss.png').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['tokenizer']
+
+
+def test_picture_compares_accuracy_with_the_commonest_code(monkeypatch):
+    """The honest baseline beside chance: always guessing the commonest true code among the masked patches."""
+    notes = []
+    monkeypatch.setattr(beit, 'save_grid', lambda path, cols, note='': notes.append(note))
+    torch.manual_seed(0)
+    tok = beit.Encoder(8, 1, 32)  # 8x downsampling: 4x4 tokens of a 32-px view
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    mask = batch()[1]
+    beit.visualize(tiny(), tok, (imgs, imgs, mask), beit.Args(model='tiny'), 'unused.png')
+    ids = beit.visual_tokens(tok, beit.map_pixels(imgs))[mask].tolist()
+    top = max(ids.count(c) for c in set(ids)) / len(ids)
+    assert f'(always the commonest code {top:.3f}, chance {1 / 32:.4f})' in notes[0]

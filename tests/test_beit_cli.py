@@ -2,6 +2,7 @@
 export), resume, torchrun (gloo), preemption, --init, bad input and the demo. Every run is tiny (tiny preset, 32 px,
 a small tokenizer file written here, CPU)."""
 import argparse
+import hashlib
 import math
 import re
 import subprocess
@@ -215,7 +216,7 @@ def _main_exit(argv):
 
 def test_bad_arguments(tok, tmp_path, restore_signals):
     out = ['--output_dir', tmp_path / 'out']
-    code = _main_exit(['--model', 'tiny', '--data', 'synthetic:8', *out])
+    code = _main_exit(['--model', 'tiny', '--data', 'synthetic:8', '--num_mask_patches', 24, *out])  # tiny: 64 px
     assert '--tokenizer' in code and 'encoder.pkl' in code
     code = _main_exit([*tiny(tok), '--data', 'synthetic:8', '--input_size', '36', *out])
     assert 'divisible' in code and '36' in code
@@ -249,7 +250,7 @@ def test_refused_tokenizer_pickle_from_the_command_line(tok, tmp_path):
 # --------------------------------------------------------------------------- 7. the demo (shrunk)
 
 
-def test_demo_trains_its_tokenizer_then_beit(tmp_path):
+def test_demo_trains_its_tokenizer_then_beit(tmp_path, restore_signals, capsys):
     out = tmp_path / 'demo'
     res = ok(run_beit('--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16,
                       '--epochs', 1, '--tok_epochs', 2, '--num_workers', 0, '--num_mask_patches', 6,
@@ -262,3 +263,88 @@ def test_demo_trains_its_tokenizer_then_beit(tmp_path):
     w, _ = check_png(out / 'vis_1.png')
     assert w == 5 * (4 * 32 + 2) + 2  # 5 columns: original, masked, true / predicted tokens decoded, right/wrong
     check_png(out / 'tokenizer' / 'loss.png')
+    assert load(out / 'checkpoint.pth')['optimizer']['param_groups'][0]['tokenizer'] == fingerprint(tok)
+    argv = ['--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16, '--epochs',
+            2, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2, '--output_dir', out]
+    beit.main(common.parse_args(beit.Args, [str(a) for a in argv], beit.DEMO))  # its own tokenizer, read back: resumes
+    assert 'resumed from' in capsys.readouterr().out and load(out / 'checkpoint.pth')['step'] == 4
+
+
+def fingerprint(tokenizer):
+    """What beit.py records with the optimizer state: sha256 of the tokenizer's weights (float32 bytes, in order)."""
+    weights = b''.join(v.float().numpy().tobytes() for v in tokenizer.state_dict().values())
+    return hashlib.sha256(weights).hexdigest()[:16]
+
+
+def test_resume_with_another_tokenizer_is_refused(tok, tmp_path, restore_signals):
+    """The same weights in another file resume; another tokenizer of the same vocabulary (other targets) is refused
+    with one line and the checkpoint is left as it is; a checkpoint from before the fingerprint resumes."""
+    torch.manual_seed(1)
+    other, same = tmp_path / 'other.pth', tmp_path / 'same.pth'
+    torch.save(beit.Encoder(8, 1, VOCAB).state_dict(), other)
+    torch.save({'model': load(tok)}, same)
+    out = tmp_path / 'out'
+    base = [*tiny(tok)[:-2], '--data', 'synthetic:8', '--batch_size', 4, '--global_batch', 4, '--epochs', 4,
+            '--output_dir', out, '--tokenizer']
+    run = lambda *argv: beit.main(common.parse_args(beit.Args, argv=[str(a) for a in [*base, *argv]]))  # noqa: E731
+    run(tok, '--max_steps', 1)
+    ckpt = out / 'checkpoint.pth'
+    before, recorded = ckpt.read_bytes(), load(ckpt)['optimizer']['param_groups'][0]['tokenizer']
+    assert recorded == fingerprint(beit.load_tokenizer(str(tok))) != fingerprint(beit.load_tokenizer(str(other)))
+    code = _main_exit([*base, other, '--max_steps', 2])
+    assert code == f'resuming {ckpt}: made with another tokenizer (not --tokenizer {other}); give it, or another ' \
+                   f'--output_dir', code
+    code = _main_exit([*base, other, '--resume', ckpt, '--output_dir', tmp_path / 'out2'])
+    assert code.startswith(f'--resume {ckpt}: made with another tokenizer'), code
+    assert ckpt.read_bytes() == before and [r['step'] for r in read_log(out)] == [1]
+    run(same, '--max_steps', 2)
+    assert load(ckpt)['step'] == 2
+    old = load(ckpt)  # written before checkpoints recorded the tokenizer: nothing to compare, it resumes
+    del old['optimizer']['param_groups'][0]['tokenizer']
+    torch.save(old, ckpt)
+    run(tok, '--max_steps', 3)
+    assert load(ckpt)['step'] == 3 and load(ckpt)['optimizer']['param_groups'][0]['tokenizer'] == recorded
+
+
+def test_every_check_runs_before_the_tokenizer_stage(tmp_path, restore_signals):
+    """--demo trains its own tokenizer first: a bad batch, data or tokenizer file stops before it trains or writes."""
+    demo = ['--demo', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16, '--global_batch', 16,
+            '--tok_epochs', 1, '--num_workers', 0, '--num_mask_patches', 6, '--min_mask_patches_per_block', 2]
+    for i, (argv, words) in enumerate([
+            (['--global_batch', 24], '--global_batch 24 is not a multiple of --batch_size 16 x 1 processes'),
+            (['--data', 'synthetic:8'], '8 images over 1 process(es) do not fill one batch of 16'),
+            (['--data', tmp_path / 'nope'], 'does not exist'),
+            (['--tokenizer', tmp_path / 'missing.pth'], f'--tokenizer {tmp_path / "missing.pth"}: no such file')]):
+        out = tmp_path / f'out{i}'
+        with pytest.raises(SystemExit) as e:
+            beit.main(common.parse_args(beit.Args, [str(a) for a in [*demo, *argv, '--output_dir', out]], beit.DEMO))
+        assert words in e.value.code and '\n' not in e.value.code, e.value.code
+        assert not out.exists() or [p.name for p in out.iterdir() if p.name != '.lock'] == []  # the lock: in-process
+
+
+TORCHRUN_DEMO = '''
+import sys
+sys.path.insert(0, {repo!r})
+import beit
+import common
+
+beit.main(common.parse_args(beit.Args, demo=beit.DEMO))  # exactly what `python beit.py ...` runs
+'''
+
+
+def test_torchrun_demo_trains_its_tokenizer_then_beit(tmp_path):
+    """Both stages in one torchrun job (the tokenizer stage used to end its process group and start another, which
+    hung after the tokenizer in most tries): it finishes, and BEiT's targets are the tokenizer it saved."""
+    out, script = tmp_path / 'out', tmp_path / 'demo.py'
+    script.write_text(TORCHRUN_DEMO.format(repo=str(REPO)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), '--demo',
+           '--data', 'synthetic:32', '--input_size', '32', '--batch_size', '4', '--global_batch', '8', '--tok_epochs',
+           '1', '--max_steps', '2', '--num_workers', '0', '--num_mask_patches', '6', '--min_mask_patches_per_block',
+           '2', '--log_every', '1', '--output_dir', str(out)]
+    res = ok(subprocess.run(cmd, cwd=REPO, env=_env(threads=1), capture_output=True, text=True, timeout=240))
+    assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+    assert [r['step'] for r in read_log(out / 'tokenizer')] == [1, 2] and [r['step'] for r in read_log(out)] == [1, 2]
+    ckpt = load(out / 'checkpoint.pth')
+    assert ckpt['step'] == 2 and len(ckpt['rng']) == 2 and (out / 'encoder.pth').exists()
+    tokenizer = beit.load_tokenizer(str(out / 'tokenizer' / 'tokenizer.pth'))
+    assert ckpt['optimizer']['param_groups'][0]['tokenizer'] == fingerprint(tokenizer)

@@ -1112,6 +1112,21 @@ def test_save_grid_size_and_content(tmp_path):
     assert Image.open(tmp_path / 'note.png').height >= img.height + 12
 
 
+def test_save_grid_captions_under_each_row(tmp_path):
+    """Each row's caption sits between its images and the next row's (m3ae: the caption under each image)."""
+    a = torch.full((3, 3, 16, 16), 0.5)
+    save_grid(tmp_path / 'plain.png', [('x', a)])
+    save_grid(tmp_path / 'cap.png', [('x', a)], captions=['one', 'two\nlines', 'three'])
+    plain, cap = (np.asarray(Image.open(tmp_path / n).convert('L')).astype(int) for n in ('plain.png', 'cap.png'))
+    assert cap.shape[0] > plain.shape[0] + 3 * 20
+    grey = np.nonzero((cap[:, 64] == 128))[0]  # the image rows in the middle column
+    tiles = np.split(grey, np.nonzero(np.diff(grey) > 1)[0] + 1)
+    assert len(tiles) == 3 and all(len(t) == 128 for t in tiles)
+    for r in range(3):  # dark caption pixels right below each tile, before the next one (or the end)
+        below = cap[tiles[r][-1] + 1:(tiles[r + 1][0] if r < 2 else cap.shape[0]), :100]
+        assert (below < 100).sum() > 10, r
+
+
 def test_save_grid_grey_columns(tmp_path):
     g = torch.rand(1, 1, 32, 32)
     save_grid(tmp_path / 'g.png', [('x', g)])
@@ -1136,6 +1151,8 @@ def test_save_loss_curve(tmp_path):
     clean.write_text(''.join(line for line in open(log) if 'NaN' not in line))
     save_loss_curve(tmp_path / 'clean.png', clean)
     assert np.array_equal(np.asarray(Image.open(tmp_path / 'clean.png')), np.asarray(Image.open(tmp_path / 'loss.png')))
+    label = np.nonzero((arr[360 - 36:360 - 24, 320:] < 100).all(-1).any(0))[0] + 320  # the last step's label
+    assert 640 - 20 - 4 <= label.max() <= 640 - 20  # ends at the plot's right edge (the curve's last point)
     save_loss_curve(tmp_path / 'small.png', log, size=(320, 200))
     assert Image.open(tmp_path / 'small.png').size == (320, 200)
     save_loss_curve(tmp_path / 'empty.png', tmp_path / 'missing.jsonl')

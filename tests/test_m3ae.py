@@ -1,7 +1,17 @@
 """Model-level tests for m3ae.py against the facts of the M3AE reference (shared/methods/m3ae.md, section 2):
 the tokenizer, the batch-shared masking, padding, the two losses, init, names, the timm export and the caption
 data. CPU only, the 'tiny' preset on 32 px inputs."""
+import collections
+import contextlib
+import dataclasses
+import importlib
 import math
+import os
+import pickle
+import pickletools
+import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -62,6 +72,46 @@ def test_wordpiece_greedy_longest_match_unknowns_and_padding():
     ids, pad = tok.encode('   ', 4)  # empty: all padding (ref data.py)
     assert ids.tolist() == [0] * 4 and pad.all()
     assert m3ae.WordPiece(['[PAD]', 'x'] + ['y'] * 98 + ['[UNK]']).unk == 100  # BERT's [UNK] is line 100
+
+
+def test_special_tokens_in_a_text_stay_whole_as_in_bert():
+    """BERT splits a text on its special tokens (exact, upper-case) before cleaning and lower-casing."""
+    assert m3ae.basic_words('a [MASK] b[SEP]c [CLS][PAD]') == ['a', '[MASK]', 'b', '[SEP]', 'c', '[CLS]', '[PAD]']
+    assert m3ae.basic_words('[mask] [MASK ] [UNKNOWN]') == ['[', 'mask', ']', '[', 'mask', ']', '[', 'unknown', ']']
+    tok = m3ae.WordPiece(VOCAB + ['[MASK]', '[SEP]'])
+    assert tok.encode('the [MASK] cat[SEP]', 5)[0].tolist() == [9, 15, 11, 16, 0]
+    assert tok.encode('[CLS]', 2)[0].tolist() == [1, 0]  # a special token missing from the vocab is unknown
+
+
+def test_cleaning_drops_every_char_of_category_c_but_tab_and_newlines():
+    """BERT's _clean_text drops what _is_control calls control: every category starting with C (Cc control, Cf
+    format, Co private use, Cn unassigned), except tab, newline and carriage return, which are whitespace."""
+    assert m3ae.basic_words('ab\ue000cd x\U000f0001y') == ['abcd', 'xy']  # Co: private use
+    assert m3ae.basic_words('ab\u0378cd e\U000e0080f') == ['abcd', 'ef']  # Cn: unassigned
+    assert m3ae.basic_words('a\x07b c\u200bd e\ufeffg') == ['ab', 'cd', 'eg']  # Cc, Cf (a BOM too)
+    assert m3ae.basic_words('a\tb\nc\rd') == ['a', 'b', 'c', 'd']
+
+
+def test_text_files_are_utf8_lines_with_the_byte_offset_of_a_bad_one(tmp_path):
+    cases = {'bom.txt': (b'\xef\xbb\xbf[PAD]\r\n[UNK]\rx\n\n', ['[PAD]', '[UNK]', 'x', '']),  # BERT: readlines()
+             'plain.txt': (b'a\tb\nc', ['a\tb', 'c']), 'empty.txt': (b'', [])}
+    for name, (data, lines) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert m3ae.read_lines(tmp_path / name, '--vocab') == lines
+    for data, at in ((b'ok\ncaf\xe9\n', 'byte 6 is 0xe9'), (b'\xef\xbb\xbfab\xff', 'byte 5 is 0xff'),
+                     (b'\x89PNG\r\n', 'byte 0 is 0x89')):
+        (tmp_path / 'bad').write_bytes(data)
+        with pytest.raises(SystemExit, match=f'--text_data {tmp_path / "bad"}: not UTF-8 text \\({at}\\)'):
+            m3ae.read_lines(tmp_path / 'bad', '--text_data')
+
+
+@pytest.mark.parametrize('tokens,words', [([], 'is empty'), (['hello', 'cat'], 'lacks [PAD] and [UNK]'),
+                                          (['[PAD]', 'cat'], 'lacks [UNK]'),
+                                          (['[UNK]', '[PAD]'], 'has [PAD] on line 2, not 1')])
+def test_a_vocabulary_without_what_the_file_relies_on_is_refused(tokens, words):
+    with pytest.raises(SystemExit, match=re.escape(f'--vocab v.txt {words}: padding is id 0 = [PAD]')):
+        m3ae.check_vocab(tokens, 'v.txt')
+    m3ae.check_vocab(['[PAD]', 'x', '[UNK]'], 'v.txt')  # BERT's order: [PAD] first, [UNK] anywhere
 
 
 # --------------------------------------------------------------------------- 2. masking
@@ -320,3 +370,163 @@ def test_synthetic_captions_describe_the_picture():
         cy, cx = {'left': (16, 8), 'right': (16, 23), 'top': (8, 16), 'bottom': (23, 16), 'middle': (16, 16)}[place]
         assert img[:, cy + (2 if shape == 'triangle' else 0), cx].tolist() == list(m3ae.COLOURS[fg])
         assert img[:, 0, 0].tolist() == list(m3ae.COLOURS[bg])
+
+
+# --------------------------------------------------------------------------- 6. --init from the reference's Flax pickle
+
+
+def flax_params(sd, depth, dec_depth):
+    """A torch state dict of m3ae.py in the reference's Flax layout (model.py's nn.compact names, Dense kernels as
+    (in, out)), written out by hand."""
+    n = lambda k: sd[k].numpy().copy()  # noqa: E731
+    dense = lambda k: {'kernel': np.asfortranarray(n(k + '.weight').T), 'bias': n(k + '.bias')}  # noqa: E731
+
+    def transformer(prefix, blocks):
+        t = {'LayerNorm_0': {'scale': n(f'{prefix}.norm.weight'), 'bias': n(f'{prefix}.norm.bias')}}
+        for i in range(blocks):
+            b = f'{prefix}.blocks.{i}.'
+            t[f'Block_{i}'] = {'LayerNorm_0': {'scale': n(b + 'norm1.weight'), 'bias': n(b + 'norm1.bias')},
+                               'Attention_0': {'Dense_0': dense(b + 'attn.qkv'), 'Dense_1': dense(b + 'attn.proj')},
+                               'LayerNorm_1': {'scale': n(b + 'norm2.weight'), 'bias': n(b + 'norm2.bias')},
+                               'TransformerMLP_0': {'fc1': dense(b + 'mlp.fc1'), 'fc2': dense(b + 'mlp.fc2')}}
+        return t
+    params = {'text_embedding': {'embedding': n('text_embedding.weight')}, 'image_embedding': dense('image_embedding'),
+              'encoder': transformer('encoder', depth), 'decoder': transformer('decoder', dec_depth),
+              'decoder_input_projection': dense('decoder_input_projection'),
+              'decoder_image_output': {'Dense_0': dense('decoder_image_output')},
+              'decoder_text_output': {'Dense_0': dense('decoder_text_output')}}
+    params.update({k: n(k) for k in sd if k.endswith(('cls_token', '_type_embedding', '_mask_embedding'))})
+    params['encoder']['Block_0']['LayerNorm_1']['scale'].flags.writeable = False  # jax.device_get: read-only arrays
+    return params
+
+
+@contextlib.contextmanager
+def importable(**classes):
+    """Modules holding `classes` ('pkg.mod.Name': object) while a pickle is written, gone before it is read."""
+    mods = {}
+    for path, obj in classes.items():
+        module, name = path.rsplit('.', 1)
+        parts = module.split('.')
+        for i in range(1, len(parts) + 1):
+            mods.setdefault('.'.join(parts[:i]), types.ModuleType('.'.join(parts[:i])))
+        obj.__module__, obj.__qualname__ = module, name
+        setattr(mods[module], name, obj)
+    new = {k: v for k, v in mods.items() if k not in sys.modules}
+    sys.modules.update(new)
+    try:
+        yield
+    finally:
+        for k in new:
+            del sys.modules[k]
+
+
+def cloudpickle_like(params, step=1234):
+    """The bytes m3ae_main.py writes (cloudpickle.dump of {'step', 'epoch', 'variant', 'state'}) without cloudpickle:
+    the same globals and opcodes cloudpickle 3.1 writes for such a state (checked outside the repository on a
+    real cloudpickle file): the train state and optax's states by reference (NEWOBJ + BUILD), numpy arrays through
+    _frombuffer (bytearray or bytes), and the optimizer's local functions by value (_make_function of a code object
+    that _builtin_type('CodeType') makes, with subimport'ed modules and _function_setstate)."""
+    cp = dict(_make_function=lambda *a: None, _builtin_type=lambda name: None, subimport=lambda name: None,
+              _function_setstate=lambda obj, state: None)
+    cp = {k: types.FunctionType(v.__code__, {}, k) for k, v in cp.items()}
+
+    class Code:
+        def __reduce__(self):
+            return CodeType(), (2, 0, 0, 2, 3, 19, b'|\x00S\x00', (None,), (), ('updates', 'state'), 'optax', 'fn')
+
+    class CodeType:
+        def __call__(self, *args):
+            pass
+
+        def __reduce__(self):
+            return cp['_builtin_type'], ('CodeType',)
+
+    class Function:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self):
+            pass
+
+        def __reduce__(self):
+            globs = {'jnp': Module('jax.numpy'), '__package__': 'optax._src'}
+            return (cp['_make_function'], (Code(), globs, self.name, None, None), ({'__name__': self.name}, {}), None,
+                    None, cp['_function_setstate'])
+
+    class Module:
+        def __init__(self, name):
+            self.name = name
+
+        def __reduce__(self):
+            return cp['subimport'], (self.name,)
+
+    @dataclasses.dataclass(frozen=True)
+    class M3AETrainState:  # flax.struct.dataclass: a frozen dataclass
+        step: object
+        apply_fn: object
+        params: object
+        tx: object
+        opt_state: object
+        tokenizer_params: object = None
+
+    GradientTransformation = collections.namedtuple('GradientTransformation', 'init update')
+    ScaleByAdamState = collections.namedtuple('ScaleByAdamState', 'count mu nu')
+
+    class FrozenDict(dict):
+        def __reduce__(self):
+            return FrozenDict, (dict(self),)
+
+    with importable(**{f'cloudpickle.cloudpickle.{k}': v for k, v in cp.items()},
+                    **{'m3ae.model.M3AETrainState': M3AETrainState, 'flax.core.frozen_dict.FrozenDict': FrozenDict,
+                       'optax._src.base.GradientTransformation': GradientTransformation,
+                       'optax._src.transform.ScaleByAdamState': ScaleByAdamState}):
+        tx = GradientTransformation(Function('init_fn'), Function('update_fn'))
+        adam = ScaleByAdamState(np.asarray(step, np.int32), {'params': params}, FrozenDict({'params': params}))
+        state = M3AETrainState(np.asarray(step, np.int32), None, {'params': params}, tx, (adam,))
+        variant = collections.OrderedDict([('m3ae.model_type', 'tiny'), ('seed', 42)])
+        return pickle.dumps({'step': step, 'epoch': 3, 'variant': variant, 'state': state}, protocol=5)
+
+
+def test_init_reads_the_reference_flax_pickle_as_data(tmp_path, capsys):
+    src = tiny(V=len(VOCAB), seed=5)
+    path = tmp_path / 'model.pkl'
+    path.write_bytes(cloudpickle_like(flax_params(src.state_dict(), m3ae.MODELS['tiny'][2], m3ae.MODELS['tiny'][5])))
+    globals_named = {a for op, a, _ in pickletools.genops(path.read_bytes()) if op.name == 'SHORT_BINUNICODE'}
+    assert {'_make_function', '_builtin_type', 'M3AETrainState', '_frombuffer'} <= globals_named
+    before = set(sys.modules)
+    model = tiny(V=len(VOCAB), seed=6)
+    assert m3ae.load_flax(model, path) is True
+    assert '--init ' + str(path) + ': Flax parameters of the reference at step 1234: 92 of 92 tensors loaded' in \
+        capsys.readouterr().out
+    assert set(sys.modules) == before  # nothing imported: no flax, optax, jax or cloudpickle
+    for k, v in src.state_dict().items():  # values copied as they are (kernels transposed back)
+        assert torch.equal(model.state_dict()[k], v), k
+    other = tiny(V=len(VOCAB) + 1)  # another vocabulary size: its text tensors keep their initialisation
+    m3ae.load_flax(other, path)
+    assert 'kept as initialised: [\'decoder_text_output.bias\', \'decoder_text_output.weight\', ' \
+           '\'text_embedding.weight\']' in capsys.readouterr().out
+    torch.save(src.state_dict(), tmp_path / 'ours.pth')  # a torch checkpoint is not read here
+    assert m3ae.load_flax(model, tmp_path / 'ours.pth') is False
+
+
+@pytest.mark.parametrize('target', ['os.system', 'subprocess.call', 'builtins.exec'])
+def test_a_pickle_naming_a_harmful_global_is_refused_and_runs_nothing(target, tmp_path):
+    marker = tmp_path / 'ran'
+    module, name = target.rsplit('.', 1)
+    fn = getattr(importlib.import_module(module), name)
+    arg = f'open({str(marker)!r}, "w")' if name == 'exec' else (['touch', str(marker)] if module == 'subprocess' else
+                                                               f'touch {marker}')
+
+    class Payload:
+        def __reduce__(self):
+            return fn, (arg,)
+    path = tmp_path / 'evil.pkl'
+    path.write_bytes(pickle.dumps({'step': 1, 'variant': {'x': Payload()}, 'state': {}}, protocol=4))
+    with pytest.raises(SystemExit) as e:
+        m3ae.load_flax(tiny(), path)
+    shown = {'os.system': os.system.__module__ + '.system'}.get(target, target)  # posix.system on Linux
+    assert f'refused: it names {shown}, which no Flax checkpoint needs; nothing of the file was run' in str(e.value)
+    assert '\n' not in str(e.value) and not marker.exists()
+    path.write_bytes(pickle.dumps({'state': 1}, protocol=5)[:-5])  # cut short
+    with pytest.raises(SystemExit, match='not a checkpoint of the M3AE reference'):
+        m3ae.load_flax(tiny(), path)

@@ -20,6 +20,7 @@ from test_m3ae import VOCAB, reference_keys
 TINY = ['--model', 'tiny', '--input_size', 32, '--text_len', 12, '--num_workers', 0, '--warmup_epochs', 1,
         '--log_every', 1]
 KEYS = reference_keys(m3ae.MODELS['tiny'][2], m3ae.MODELS['tiny'][5])
+KEYS_DEPTHS = m3ae.MODELS['tiny'][2], m3ae.MODELS['tiny'][5]
 TIMM_KEYS = {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight',
              'norm.bias'} | {k.removeprefix('encoder.') for k in KEYS if k.startswith('encoder.blocks.')}
 
@@ -56,6 +57,7 @@ def test_cli_synthetic_end_to_end(synthetic_run):
     recs = read_log(out)
     assert [r['step'] for r in recs] == [1, 2, 3, 4] and recs[0]['lr'] == 0.0 and recs[-1]['epoch'] == 2.0
     assert all(np.isfinite(r['loss']) and r['bad_steps'] == 0 for r in recs)
+    assert all(0 <= r['mlm_acc'] <= 1 for r in recs) and recs[-1]['mlm_acc'] > 0  # masked-word accuracy, as BEiT's
     ckpt = load(out / 'checkpoint.pth')
     assert ckpt['step'] == 4 and ckpt['method'] == 'm3ae.py' and set(ckpt['model']) == KEYS
     assert [g['weight_decay'] for g in ckpt['optimizer']['param_groups']] == [0.0, 0.05]
@@ -71,7 +73,7 @@ def test_cli_synthetic_end_to_end(synthetic_run):
     enc = load(out / 'encoder.pth')['model']
     assert set(enc) == TIMM_KEYS and enc['pos_embed'].shape == (1, 17, m3ae.MODELS['tiny'][1])
     assert torch.equal(enc['blocks.0.attn.qkv.weight'], ckpt['model']['encoder.blocks.0.attn.qkv.weight'])
-    for name in ('vis_1.png', 'vis_2.png', 'loss.png'):
+    for name in ('vis_1.png', 'vis_2.png', 'loss.png', 'mlm_acc.png'):
         with Image.open(out / name) as im:
             assert im.format == 'PNG' and len(im.getcolors(1 << 20) or range(1000)) > 2
 
@@ -145,3 +147,56 @@ def test_caption_folder_vocab_unpaired_text_and_init(caption_data, tmp_path):
     words = (out3 / 'vocab.txt').read_text().splitlines()
     assert words[:2] == ['[PAD]', '[UNK]'] and words[2:4] == ['the', 'cat']
     assert set(words) == {'[PAD]', '[UNK]', 'the', 'cat', '!', 'hello', ',', 'cafe', 'a', 'unaffable', 'cats'}
+
+
+def stop(*argv):
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert isinstance(e.value.code, str) and '\n' not in e.value.code, e.value.code
+    return e.value.code
+
+
+def test_text_files_that_are_not_utf8_or_vocabularies_without_pad_and_unk(caption_data, tmp_path):
+    """One line naming the file (and the byte offset); --vocab and --text_data are read before anything is written."""
+    t, out = caption_data, tmp_path / 'out'
+    base = [*TINY, '--batch_size', 4, '--global_batch', 4, '--data', t / 'data', '--output_dir', out]
+    (t / 'latin1.txt').write_bytes('the caf\xe9\n'.encode('latin-1'))
+    (t / 'binary.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00')
+    (t / 'empty.txt').write_bytes(b'')
+    (t / 'nopad.txt').write_text('hello\ncat\n[UNK]\n')
+    cases = [('--text_data', 'latin1.txt', 'not UTF-8 text (byte 7 is 0xe9)'),
+             ('--vocab', 'binary.txt', 'not UTF-8 text (byte 0 is 0x89)'), ('--vocab', 'empty.txt', 'is empty'),
+             ('--vocab', 'nopad.txt', 'lacks [PAD]: padding is id 0 = [PAD]')]
+    for flag, name, words in cases:
+        assert f'{flag} {t / name}' + (': ' if 'UTF' in words else ' ') + words in stop(*base, flag, t / name)
+        assert not out.exists()
+    (t / 'latin1.tsv').write_bytes(b'data/train/x/0.png\tthe cat\ndata/train/x/1.png\tcaf\xe9\n')
+    line = stop(*base[:-4], '--data', t / 'latin1.tsv', '--vocab', t / 'vocab.txt', '--output_dir', out)
+    assert line == f'--data {t / "latin1.tsv"}: not UTF-8 text (byte 49 is 0xe9); convert it first, e.g. iconv -f ' \
+                   f'latin1 -t utf-8'
+
+
+def test_a_tsv_with_a_byte_order_mark(caption_data, tmp_path):
+    """The BOM is read away: the first path is found (it was skipped as unreadable with U+FEFF in its name)."""
+    t = caption_data
+    (t / 'bom.tsv').write_bytes(b'\xef\xbb\xbf' + (t / 'pairs.tsv').read_bytes())
+    ds = m3ae.CaptionedImages(t / 'bom.tsv', 32, 8)
+    assert ds.files[0] == t / 'data/train/x/0.png' and ds.files[0].is_file() and ds.texts[0] == 'the cat!'
+    ds.tokenizer = m3ae.WordPiece(VOCAB)
+    assert ds[(0, 0)][2] == -1  # read, not replaced by the next pair
+
+
+def test_init_from_the_reference_flax_pickle(caption_data, tmp_path):
+    """--init of the reference's pickle (see test_m3ae.py) starts from its weights: --blr 1e-30 keeps them."""
+    from test_m3ae import cloudpickle_like, flax_params
+    torch.manual_seed(3)
+    src = m3ae.M3AE(32, *m3ae.MODELS['tiny'], len(VOCAB), max_len=256).state_dict()
+    (tmp_path / 'model.pkl').write_bytes(cloudpickle_like(flax_params(src, KEYS_DEPTHS[0], KEYS_DEPTHS[1])))
+    out = tmp_path / 'out'
+    stdout = run(*TINY, '--batch_size', 4, '--global_batch', 4, '--data', caption_data / 'pairs.tsv', '--vocab',
+                 caption_data / 'vocab.txt', '--max_steps', 1, '--blr', 1e-30, '--init', tmp_path / 'model.pkl',
+                 '--output_dir', out)
+    assert f'--init {tmp_path / "model.pkl"}: Flax parameters of the reference at step 1234: 92 of 92' in stdout
+    after = load(out / 'checkpoint.pth')['model']
+    for k, v in src.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-30)

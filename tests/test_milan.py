@@ -1,6 +1,12 @@
 """Unit tests of milan.py: the CLIP teacher (file formats, an explicit re-computation, errors), semantic-aware
 sampling, the prompting decoder, the loss, init, weight-decay groups, keys and parameter counts."""
+import copy
 import math
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+from typing import Tuple
 
 import pytest
 import torch
@@ -143,6 +149,169 @@ def test_teacher_errors(teacher_files, tmp_path):
         milan.load_teacher(script, 65, PATCH, 3)
 
 
+class ScriptableBlock(nn.Module):
+    """OpenAI CLIP's ResidualAttentionBlock as its model.py writes it (nn.MultiheadAttention), so it can be scripted."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(width, width // 64), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=milan.QuickGELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x):  # (L, B, W), sequence first as in CLIP
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class ScriptableCLIP(nn.Module):
+    """OpenAI CLIP's layout: the VisionTransformer under 'visual' (forward: ln_post(cls) @ proj) and text-side state."""
+
+    def __init__(self, width=128, layers=2, out=32):
+        super().__init__()
+        self.visual = nn.Module()
+        v, s = self.visual, width ** -0.5
+        v.conv1 = nn.Conv2d(3, width, PATCH, PATCH, bias=False)
+        v.class_embedding, v.positional_embedding = nn.Parameter(s * torch.randn(width)), nn.Parameter(
+            s * torch.randn(N + 1, width))
+        v.ln_pre, v.ln_post, v.proj = nn.LayerNorm(width), nn.LayerNorm(width), nn.Parameter(s * torch.randn(width, out))
+        v.transformer = nn.Module()
+        v.transformer.resblocks = nn.Sequential(*[ScriptableBlock(width) for _ in range(layers)])
+        self.logit_scale = nn.Parameter(torch.tensor(4.6))
+        self.register_buffer('input_resolution', torch.tensor(32))
+
+    def forward(self, imgs):
+        v = self.visual
+        x = v.conv1(imgs).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
+        x = v.transformer.resblocks(v.ln_pre(x).transpose(0, 1)).transpose(0, 1)  # (B, 1+N, W)
+        return v.ln_post(x[:, 0]) @ v.proj * self.logit_scale.exp()
+
+
+def archive_tensors(path):
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split('/')[0]
+        return milan.script_tensors(milan.ArchiveUnpickler(z, root).load())
+
+
+def test_torchscript_archive_is_read_as_data_like_jit_load(tmp_path):
+    """A scripted fp16 CLIP (nn.MultiheadAttention, OpenAI's layout): the reader gives exactly torch.jit.load's
+    state_dict, and the teacher built from it computes CLIP's cls feature."""
+    torch.manual_seed(0)
+    src = ScriptableCLIP()
+    with torch.no_grad():
+        for name, p in src.named_parameters():  # non-trivial norms and biases; values exact in fp16
+            p.copy_((p + 0.1 * torch.randn_like(p) * (name.endswith('bias') or '.ln_' in name)).half())
+    path = tmp_path / 'ViT-tiny.pt'
+    torch.jit.save(torch.jit.script(copy.deepcopy(src).half()), str(path))
+    ours, jit = archive_tensors(path), torch.jit.load(str(path)).state_dict()
+    assert set(ours) == set(jit) and 'visual.transformer.resblocks.1.attn.in_proj_weight' in ours
+    for k in jit:
+        assert ours[k].dtype == jit[k].dtype and torch.equal(ours[k], jit[k]), k
+    teacher = milan.load_teacher(path, N + 1, PATCH, 3)
+    imgs = torch.randn(2, 3, 32, 32)
+    feats, _ = teacher(imgs)
+    with torch.no_grad():
+        torch.testing.assert_close(feats[:, 0] * src.logit_scale.exp(), src(imgs), rtol=1e-4, atol=1e-5)
+
+
+class WritesOnLoad(nn.Module):
+    """A scripted module whose TorchScript __setstate__ creates a file: torch.jit.load runs it while loading."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.w = nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return self.target, self.w, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        self.training = state[2]
+        self.w = state[1] + torch.from_file(self.target, True, 2, dtype=torch.float32)  # used: not optimised away
+
+    def forward(self, x):
+        return x * self.w
+
+
+class WithPayload(nn.Module):
+    def __init__(self, target, visual):
+        super().__init__()
+        self.payload, self.visual = WritesOnLoad(target), visual
+
+    def forward(self, x):
+        return self.payload(x)
+
+
+def test_teacher_archive_runs_no_code(tmp_path):
+    """torch.jit.load of this archive creates a file (shown on a copy aimed at another path); milan.py reads the
+    same archive, with a genuine CLIP tower beside the payload, and nothing is created."""
+    def archive(name, with_clip=True):
+        path = tmp_path / f'{name}.pt'
+        module = WithPayload(str(tmp_path / f'{name}.marker'), ScriptableCLIP().visual) if with_clip else \
+            WritesOnLoad(str(tmp_path / f'{name}.marker'))
+        torch.jit.save(torch.jit.script(module), str(path))
+        return path, tmp_path / f'{name}.marker'
+    control, evil, alone = archive('control'), archive('evil'), archive('alone', with_clip=False)
+    torch.jit.load(str(control[0]))
+    assert control[1].exists()  # the route works on this torch: loading the archive with torch.jit runs its code
+    teacher = milan.load_teacher(evil[0], N + 1, PATCH, 3)  # the tower beside the payload is read
+    assert not evil[1].exists() and teacher.proj.shape == (128, 32)
+    with pytest.raises(SystemExit) as e:
+        milan.load_teacher(alone[0], N + 1, PATCH, 3)
+    line = str(e.value.code)
+    assert line.startswith(f'--teacher {alone[0]}: not a CLIP ViT image tower') and '\n' not in line, line
+    assert not alone[1].exists() and not evil[1].exists()
+
+
+class Call:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+class StorageRef:  # written as torch writes a tensor's storage: a persistent id naming data/<key>
+    def __init__(self, key):
+        self.key = key
+
+
+class ArchivePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ('storage', torch.FloatStorage, obj.key, 'cpu', 1) if isinstance(obj, StorageRef) else None
+
+
+def test_crafted_archive_pickles_are_refused_in_one_line(tmp_path):
+    """data.pkl that names a function, a storage outside the archive, or a view past its storage: one line each."""
+    marker = tmp_path / 'marker'
+    tensor = lambda key, size: Call(torch._utils._rebuild_tensor_v2, StorageRef(key), 0, size, (1,), False,  # noqa
+                                    OrderedDict())
+    cases = [(Call(os.system, f'touch {marker}'), 'refused posix.system'),
+             (Call(eval, f'open({str(marker)!r}, "w")'), 'refused builtins.eval'),
+             ({'visual.proj': tensor('../../x', (1,))}, "KeyError: \"There is no item named 'x/data/../../x'"),
+             ({'visual.proj': tensor('0', (1000,))}, 'RuntimeError'),  # 1000 floats from a storage of 1
+             ({'visual.proj': tensor('0', (1,)), 'visual.conv1.weight': tensor('0', (1,)),
+               'visual.positional_embedding': tensor('0', (1,))}, 'not a CLIP ViT image tower'),  # 1-D, not 2-D/4-D
+             ({'visual.proj': tensor('0', (1,))}, 'not a CLIP ViT image tower')]  # a well-formed archive, not CLIP
+    for i, (obj, words) in enumerate(cases):
+        buf = __import__('io').BytesIO()
+        ArchivePickler(buf, protocol=2, fix_imports=False).dump(obj)
+        path = tmp_path / f'crafted{i}.pt'
+        with zipfile.ZipFile(path, 'w') as z:
+            z.writestr('x/data.pkl', buf.getvalue())
+            z.writestr('x/constants.pkl', pickle.dumps(()))
+            z.writestr('x/data/0', torch.ones(1).numpy().tobytes())
+        with pytest.raises(SystemExit) as e:
+            milan.load_teacher(path, N + 1, PATCH, 3)
+        line = str(e.value.code)
+        assert line.startswith(f'--teacher {path}: ') and words in line and '\n' not in line, line
+    assert not marker.exists()
+
+
 def test_clip_vit_b16_parameter_count():
     t = milan.CLIPVisual(16, 768, 12, 197, 512)
     per_block = 4 * 768 + 3 * 768 * 768 + 3 * 768 + 768 * 768 + 768 + 2 * 4 * 768 * 768 + 4 * 768 + 768
@@ -174,6 +343,27 @@ def test_high_attention_patches_are_kept_more_often():
     first = torch.bincount(ids[:, 0], minlength=N) / 20000  # first draw: exactly w / sum(w)
     torch.testing.assert_close(first, w / w.sum(), atol=0.01, rtol=0)
     assert kept[0] < 1  # stochastic, not top-k
+
+
+def test_sampling_matches_multinomial_without_replacement():
+    """The first and the kept (first 2 of 5) positions are drawn with the probabilities of sampling without
+    replacement, worked out by hand: P(first = i) = w_i / W; P(i in the first two) = w_i / W + sum_j w_j / W x
+    w_i / (W - w_j). Also as often as torch.multinomial(replacement=False) keeps them. 200000 draws: a frequency
+    has a standard deviation under 0.0012, the tolerances are 5 of them (one draw alone, 7 for two)."""
+    w = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.5])
+    W, n = w.sum().item(), 200_000
+    first = w / W
+    kept = torch.tensor([w[i] / W + sum(w[j] / W * w[i] / (W - w[j]) for j in range(5) if j != i) for i in range(5)])
+    assert kept.sum().item() == pytest.approx(2.0)  # two positions kept per draw
+    torch.manual_seed(0)
+    ids = milan.attention_order(w.expand(n, -1))  # (n, 5)
+    assert torch.equal(ids.sort(1).values, torch.arange(5).expand(n, -1))  # permutations
+    freq = lambda ids, k: torch.bincount(ids[:, :k].flatten(), minlength=5) / n  # noqa: E731
+    torch.testing.assert_close(freq(ids, 1), first, atol=0.006, rtol=0)
+    torch.testing.assert_close(freq(ids, 2), kept, atol=0.006, rtol=0)
+    torch.manual_seed(1)
+    ref = torch.multinomial(w.expand(n, -1), 5, replacement=False)
+    torch.testing.assert_close(freq(ids, 2), freq(ref, 2), atol=0.0085, rtol=0)
 
 
 def test_random_order_is_uniform():

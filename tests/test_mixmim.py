@@ -414,3 +414,23 @@ def test_non_square_input():
     assert out['pred'].shape == (3, 8, 3072) and torch.isfinite(loss)
     assert torch.equal(model.decoder_pos_embed[0], common.sincos_2d(TINY[4], 2, 4))
     assert torch.equal(model.absolute_pos_embed[0], common.sincos_2d(TINY[0], 16, 32))
+
+
+def test_picture_dims_the_units_the_mixed_input_hides(monkeypatch):
+    """Image A is dimmed where its units were replaced by B's (mask True), image B where A's units were kept."""
+    shown = {}
+    monkeypatch.setattr(mixmim, 'save_grid', lambda path, cols, note='': shown.update(cols=dict(cols)))
+    imgs = images(4) * 0.3
+    mixmim.visualize(tiny(), imgs, mixmim.Args(mask_ratio=0.5), 'unused.png')
+    cols = list(shown['cols'].values())
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    a, b = imgs * std + mean, imgs.flip(0) * std + mean  # the pictures of A and B
+    mask = mixmim.batch_mask(2, 2, 0.5, 'cpu', torch.rand(1, 4, generator=torch.Generator().manual_seed(0)))
+    for u in range(4):
+        r, c = divmod(u, 2)
+        tile = (..., slice(32 * r, 32 * r + 32), slice(32 * c, 32 * c + 32))
+        hidden_a = bool(mask[0, u])
+        torch.testing.assert_close(cols[0][tile], a[tile] * (0.35 if hidden_a else 1))
+        torch.testing.assert_close(cols[1][tile], b[tile] * (1 if hidden_a else 0.35))
+        torch.testing.assert_close(cols[2][tile], (b if hidden_a else a)[tile])  # the mixed input
+    assert mask.sum() == 2

@@ -192,12 +192,16 @@ def test_torchrun_two_processes_train(tmp_path):
     (['--input_size', 96], '--input_size 96 96: stage 3 grid 6x6 does not split into windows of 4'),
     (['--mask_ratio', 0.2], '--mask_ratio 0.2 hides 0 of 4 units'),
     (['--mask_ratio', 0.8], '--mask_ratio 0.8 hides 3 of 4 units'),  # allowed: stops only for another reason
+    (['--batch_size', 1, '--global_batch', 1, '--max_steps', 1], '--batch_size 1: MixMIM mixes each image with'),
+    (['--batch_size', 3, '--global_batch', 3], '--batch_size 3'),  # allowed, as the reference
 ])
 def test_sizes_and_ratios_checked_at_start(argv, words, tmp_path, restore_signals):
+    """(A batch of 1 would mix its image with itself: nothing hidden from it. Odd batches above 1 run, as the
+    reference: the middle image alone mixes with itself.)"""
     code = main_exit([*TINY, '--data', 'synthetic:2', '--batch_size', 4, '--global_batch', 4,
                       '--output_dir', tmp_path / 'out', *argv])
-    if '0.8' in words:
-        assert 'batch' in code  # got past the ratio check (3 of 4 is fine) to the data check
+    if '0.8' in words or words == '--batch_size 3':
+        assert 'do not fill one batch' in code, code  # got past the check to the data check (2 images)
     else:
         assert words in code, code
         assert not (tmp_path / 'out').exists()

@@ -172,6 +172,29 @@ def test_each_visible_token_gets_its_own_units_decoder_position():
     assert differs > 0  # the reference's order differs, so this test can fail
 
 
+@pytest.mark.parametrize('ref_order,expect', [(False, [4, 3, 9, 14]), (True, [3, 4, 9, 14])])
+def test_decoder_positions_hand_worked(ref_order, expect):
+    """A 4x4 unit grid (32 px) whose blocks (0,0), (0,1), (1,0), (1,1) keep units 4, 3, 9, 14. PixelShuffle hands the
+    tokens out in block order: units 4, 3, 9, 14. Each gets its own unit's position; the reference adds P[~mask],
+    the visible units in raster order 3, 4, 9, 14, so the first two tokens swap positions. Masked tokens: the other
+    units in raster order, either way."""
+    model = tiny(size=32, ref_decoder_order=ref_order)
+    with torch.no_grad():
+        model.decoder_embed.weight.zero_()
+        model.decoder_embed.bias.zero_()
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    mask[0, [4, 3, 9, 14]] = False
+    seen = {}
+    h = model.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach()))
+    with torch.no_grad():
+        model.forward_decoder(torch.randn(1, 1, 128), mask)
+    h.remove()
+    P = model.decoder_pos_embed[0]
+    assert torch.equal(seen['x'][0, :4], P[expect])
+    hidden = [0, 1, 2, 5, 6, 7, 8, 10, 11, 12, 13, 15]
+    assert torch.equal(seen['x'][0, 4:], model.mask_token[0, 0] + P[hidden])
+
+
 def test_pixelshuffle_hands_out_tokens_in_block_raster_order():
     """The packed encoder output (B, 2x2 tokens, 4 Dd) becomes one token per block: sub-pixel (i, j) of output token
     (a, b) -> block (2a+i, 2b+j), read from channel c*4 + i*2 + j."""

@@ -114,6 +114,21 @@ def test_init_from_a_reference_style_file(tmp_path, restore_signals):
     assert not torch.equal(model.state_dict()['decoder_embed.weight'], src['decoder_embed.weight'])
 
 
+def test_init_says_which_decoder_order(straight, tmp_path, restore_signals, capsys):
+    """A reference checkpoint's decoder learnt the reference's position order, ours the order its args recorded."""
+    src = {'model': um_mae.UMMAE(um_mae.MODELS['tiny'], 64).state_dict(), 'args': argparse.Namespace(model='x')}
+    torch.save(src, tmp_path / 'ref.pth')
+    cases = [(tmp_path / 'ref.pth', [], 'reference position order; this run uses the own-unit order (add '
+                                        '--ref_decoder_order to keep it)'),
+             (tmp_path / 'ref.pth', ['--ref_decoder_order'], 'reference position order; this run uses the reference '
+                                                             'order\n'),
+             (straight[0] / 'checkpoint.pth', ['--ref_decoder_order'], 'own-unit position order; this run uses the '
+                                                                       'reference order (drop --ref_decoder_order')]
+    for i, (path, flags, words) in enumerate(cases):
+        um_mae.main(main_args(tmp_path / f'out{i}', '--init', path, '--max_steps', 1, *flags))
+        assert f'--init {path}: its decoder learnt the {words}' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('flag,value,words', [
     ('--mask_ratio', 0.5, '--mask_ratio 0.5: uniform masking keeps one unit of every 2x2 block'),
     ('--vis_mask_ratio', 1.0, '--vis_mask_ratio 1.0 leaves 0 of the 16 visible units'),
