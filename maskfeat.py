@@ -6,7 +6,7 @@ configs/masked_ssl/in1k_VIT_{B,L}_MaskFeat_PT.yaml). A plain ViT sees every patc
 learned mask token, and regresses the Histograms of Oriented Gradients (HOG) of the masked patches: no tokenizer,
 no teacher, the target is a fixed function of the image computed on the device inside the step.
 
-    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images, CPU, ~1.5 min
+    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images: 96 s of CPU time
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/       # ViT-B/16 at 224, 1600 epochs
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/ --model large
 
@@ -16,7 +16,8 @@ the same 2e-4 per 256 rule); 1600 epochs (the released checkpoints' names; the y
 warmup epochs (how the 1600-epoch run warmed up is not stated).
 
 Deviations from the reference:
-- bf16 autocast by default on CUDA (reference: fp32; `--amp none` gives it). The HOG target and the loss stay fp32.
+- bf16 autocast by default on CUDA (reference: fp32; `--amp none` gives it). The HOG target, the loss and the mask
+  token stay fp32.
 - The effective batch is `--global_batch`; `accum_iter` is derived from it (reference: no accumulation).
 - The head projects every token and the loss keeps the masked ones (reference: x[mask] then the projection): the
   same loss and gradients, without a host sync or data-dependent shapes (so `--compile` works).
@@ -45,9 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, finish, image_dataset, make_loader, normalize, optimizer_step, pair,
-                    param_groups, parse_args, resume, save_grid, save_loss_curve, save_training_state, setup_run,
-                    unwrap)
+                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
+                    optimizer_step, pair, param_groups, parse_args, report_flops, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -55,10 +56,10 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accu
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny ViT on synthetic images, a couple of minutes on a laptop CPU
+    demo: bool = False  # tiny ViT on 96-px synthetic images: 96 s of CPU time
     output_dir: str = 'output_maskfeat'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref in1k_VIT_{B,L}_MaskFeat_PT)
-    input_size: tuple = (224,)  # H [W], multiples of the patch size; ref DATA.TRAIN_CROP_SIZE
+    input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
     in_chans: int = 3  # 1 for grayscale data (then give --mean/--std with one value)
     mask_ratio: float = 0.4  # ref AUG.MASK_RATIO: round(0.4 N) patches (78 of 196) in blocks of >= 1/5 of that
     batch_size: int = 256  # per GPU; 8 GPUs x 256 = the global batch
@@ -75,7 +76,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref yaml DATA.STD
     num_workers: int = 8  # ref yaml DATA_LOADER.NUM_WORKERS
     seed: int = 0  # ref RNG_SEED; data and masks use (seed, epoch, index), the rest seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32)
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or a reference MaskFeat .pyth release
@@ -84,10 +85,12 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png
     keep_every: int = 10  # ref CHECKPOINT_PERIOD: checkpoint-<epoch>.pth every 10 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads)  ref in1k_VIT_{B,L}_MaskFeat_PT.yaml (MViT with no pooling = ViT)
 MODELS = {'tiny': (16, 128, 4, 4), 'base': (16, 768, 12, 12), 'large': (16, 1024, 24, 16)}  # tiny: ours
+INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is not given
 NBINS, CELL = 9, 8  # ref masked.py: HOGLayerC(nbins=9, pool=8), 8x8-pixel cells, so 2x2 cells per 16-px patch
 # the demo: small batches and many steps, since the HOG loss sits at the mean predictor's for the first ~150 steps
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(96,), batch_size=32, global_batch=32, epochs=8,
@@ -229,9 +232,9 @@ class MaskFeat(nn.Module):
 
     def forward_encoder(self, imgs, mask):
         x = self.patch_embed(imgs)  # (B, N, D)
-        w = mask.unsqueeze(-1).type_as(x)  # (B, N, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w  # masked patches replaced before cls and positions
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed  # (B,1+N,D)
+        w = mask.unsqueeze(-1).type_as(self.mask_token)  # (B, N, 1) fp32, as the reference: under autocast too
+        x = x * (1 - w) + self.mask_token * w  # the token's gradient sums in fp32; replaced before cls and positions
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
         for blk in self.blocks:
             x = blk(x)
         return x  # (B, 1+N, D), the last block's output: no final norm
@@ -311,6 +314,7 @@ def visualize(model, imgs, mask, args, path):
 
 def main(args):
     check_args(args, MODELS)  # one line and exit on a value the run cannot use, before any work
+    args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
     patch, dim, depth, heads = MODELS[args.model]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
@@ -358,13 +362,14 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(torch.stack([v[0] for v in vis]).to(d.device), mean, std)
     vis_mask = torch.stack([v[1] for v in vis]).to(d.device)
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], vis_mask[:1]), args.global_batch)  # one image
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, vis_mask, args, out / f'vis_{epoch_done or step}.png')  # epoch >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

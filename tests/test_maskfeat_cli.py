@@ -76,7 +76,8 @@ def test_demo_flag_resolution():
         ('synthetic:2048', 'tiny', (96,), 8, 'output_maskfeat_demo')
     assert (args.clip_grad, args.mask_ratio, args.warmup_lr) == (0.02, 0.4, 1e-6)  # the recipe, kept
     args = common.parse_args(mf.Args, ['--data', 'x'])
-    assert (args.model, args.input_size, args.global_batch, args.blr) == ('base', (224,), 2048, 2e-4)
+    assert (args.model, args.input_size, args.global_batch, args.blr, args.amp) == ('base', None, 2048, 2e-4, None)
+    assert mf.INPUT_SIZE == {'tiny': 64, 'base': 224, 'large': 224}  # None: the preset's size
 
 
 def test_resume_equals_straight_run(demo_run, tmp_path):
