@@ -882,12 +882,15 @@ def save_checkpoint(path, obj):
                          else 'no earlier copy existed')) from None
 
 
-def load_weights(model, path):
+def load_weights(model, path, convert=lambda ckpt: None):
     """--init: start from weights (our checkpoint or a reference release). Keys as the reference names them;
     'module.' prefixes are stripped, tensors whose shape differs (e.g. pos tables of another size) are left out.
-    SlowFast's .pyth files (MaskFeat) keep the weights under 'model_state'."""
+    SlowFast's .pyth files (MaskFeat) keep the weights under 'model_state'; `convert(loaded)` may give the state dict
+    of a release in another layout (I-JEPA's), or None."""
     ckpt = load_checkpoint(path)
-    sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
+    sd = convert(ckpt)
+    if sd is None:
+        sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SystemExit(f'--init {path}: holds {kind(sd)}, not a state dict of named tensors (nor one under "model")')
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}

@@ -81,9 +81,14 @@ def maskfeat(m):
     return m.MaskFeat((32, 32), *m.MODELS['tiny']), (images(2, 32), mask)
 
 
+def ijepa(m):
+    masks = m.sample_masks(m.Args(), (12, 12), 2, 0, torch.Generator().manual_seed(0))  # 48 px, 4-px patches
+    return m.IJEPA((48, 48), *m.MODELS['tiny'][:7]), (images(2, 48), *masks)
+
+
 BUILDERS = {'mae': mae, 'simmim': simmim, 'simmim[vit_tiny]': lambda m: simmim(m, 'vit_tiny'), 'beit': beit,
             'um_mae': um_mae, 'um_mae[pvt_tiny]': lambda m: um_mae(m, 'pvt_tiny'), 'hivit': hivit, 'mixmim': mixmim,
-            'videomae': videomae, 'm3ae': m3ae, 'milan': milan, 'maskfeat': maskfeat}
+            'videomae': videomae, 'm3ae': m3ae, 'milan': milan, 'maskfeat': maskfeat, 'ijepa': ijepa}
 FILE = lambda case: case.split('[')[0]  # noqa: E731
 CASES = [c for c in BUILDERS if (REPO / f'{FILE(c)}.py').exists()]
 METHOD_FILES = sorted(p.stem for p in REPO.glob('*.py') if p.stem != 'common')
