@@ -884,16 +884,19 @@ def save_checkpoint(path, obj):
                          else 'no earlier copy existed')) from None
 
 
-def load_weights(model, path, convert=None):
+def load_weights(model, path, convert=lambda ckpt: None):
     """--init: start from weights (our checkpoint, an encoder.pth, or a reference release). Keys as the reference names
-    them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, `convert`
-    maps a method's own export layout; tensors whose shape differs (e.g. pos tables of another size) are left out."""
+    them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, tensors whose
+    shape differs (e.g. pos tables of another size) are left out. SlowFast's .pyth files (MaskFeat) keep the weights
+    under 'model_state'; `convert(loaded)` may give the state dict of a release in another layout (I-JEPA's), or None."""
     ckpt = load_checkpoint(path)
-    sd = ckpt.get('model', ckpt.get('module', ckpt)) if isinstance(ckpt, dict) else ckpt
+    sd = convert(ckpt)
+    if sd is None:
+        sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SystemExit(f'--init {path}: holds {kind(sd)}, not a state dict of named tensors (nor one under "model")')
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
-    own, sd = model.state_dict(), convert(sd) if convert else sd
+    own = model.state_dict()
     sd = {f'encoder.{k}' if k not in own and f'encoder.{k}' in own else k: v for k, v in sd.items()}
     shape_mismatch = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     res = model.load_state_dict({k: v for k, v in sd.items() if k not in shape_mismatch}, strict=False)
@@ -1186,7 +1189,7 @@ class Evaluation:
             dist.all_gather_object(parts := [None] * world, out)
         return tuple(torch.cat(t).to(dev) for t in zip(*sum(parts, [])))
 
-    def only(self, model, convert=None):
+    def only(self, model, convert=lambda ckpt: None):
         """--eval_only: the numbers of --init's weights (a checkpoint, or an encoder.pth that `convert` maps)."""
         d = init_distributed()
         load_weights(model, self.args.init, convert)

@@ -48,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    cosine_lr, finish, image_dataset, load_checkpoint, make_loader, normalize, optimizer_step, pair,
-                    parse_args, resume, save_grid, save_loss_curve, save_training_state, setup_run, sincos_2d, unwrap)
+                    cosine_lr, count_flops, finish, image_dataset, load_weights, make_loader, normalize, optimizer_step,
+                    pair, parse_args, report_flops, resume, save_grid, save_loss_curve, save_training_state, setup_run,
+                    sincos_2d, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -86,7 +87,7 @@ class Args:
     std: tuple = IMAGENET_STD  # ref Normalize
     num_workers: int = 10  # ref config
     seed: int = 0  # ref train.py; data and masks use seed + rank
-    amp: str = 'bf16'  # bf16 | fp16 | none (CUDA only; the CPU runs fp32); ref use_bfloat16
+    amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA (ref use_bfloat16), fp32 on the CPU
     compile: bool = False  # torch.compile the model
     resume: Optional[str] = None  # checkpoint to resume; output_dir/checkpoint.pth is resumed by itself
     init: Optional[str] = None  # start from weights: our checkpoint or encoder.pth, or a reference release
@@ -95,6 +96,7 @@ class Args:
     save_every: int = 1  # epochs between writes of checkpoint.pth and vis_<epoch>.png; ref: every epoch
     keep_every: int = 50  # checkpoint-<epoch>.pth every 50 epochs and at the last; ref checkpoint_freq
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
 
 
 # name: (patch, D, depth, heads, mlp ratio, predictor D, predictor depth, input size); ref vision_transformer.py and
@@ -297,25 +299,16 @@ def features(model, imgs):
     return unwrap(model).target_encoder(imgs).mean(1)
 
 
-def load_init(model, path):
-    """--init: our checkpoint, an encoder.pth (into both encoders), or a reference release/checkpoint
-    ({'encoder', 'predictor', 'target_encoder'}, keys with 'module.'). Tensors of another shape are left out."""
-    ckpt = load_checkpoint(path)
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    if 'target_encoder' in ckpt:
-        sd = {f'{part}.{k.removeprefix("module.")}': v for part in ('encoder', 'predictor', 'target_encoder')
-              for k, v in (ckpt.get(part) or {}).items()}
-    else:
-        sd = {k.removeprefix('module.'): v for k, v in ckpt.get('model', ckpt).items()}
-        if 'pos_embed' in sd:  # an encoder alone
-            sd = {f'{part}.{k}': v for part in ('encoder', 'target_encoder') for k, v in sd.items()}
-    own = model.state_dict()
-    fit = {k: v for k, v in sd.items() if k in own and getattr(v, 'shape', None) == own[k].shape}
-    if not fit:
-        raise SystemExit(f'--init {path}: no tensor matches this model (keys like {list(sd)[:3]})')
-    model.load_state_dict(fit, strict=False)
-    print(f'--init {path}: loaded {len(fit)} of {len(own)} tensors; not in the file (kept as initialised): '
-          f'{sorted(set(own) - set(fit))[:6]}; left out: {sorted(set(sd) - set(fit))[:6]}')
+def release_keys(ckpt):
+    """--init's reading of a reference release ({'encoder', 'predictor', 'target_encoder'}, keys with 'module.') or
+    of an encoder alone (encoder.pth: into both encoders); None for our own checkpoints."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('target_encoder'), dict):
+        return {f'{part}.{k.removeprefix("module.")}': v for part in ('encoder', 'predictor', 'target_encoder')
+                for k, v in (ckpt.get(part) or {}).items()}
+    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(sd, dict) and 'pos_embed' in sd:
+        return {f'{part}.{k}': v for part in ('encoder', 'target_encoder') for k, v in sd.items()}
+    return None
 
 
 # --------------------------------------------------------------------------- pictures
@@ -390,7 +383,7 @@ def main(args):
 
     step = resume(dataclasses.replace(args, init=None), model, optimizer, scaler, d)  # incl. the EMA target encoder
     if step == 0 and args.init:
-        load_init(model, args.init)
+        load_weights(model, args.init, release_keys)
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
@@ -409,6 +402,8 @@ def main(args):
     vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
     vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    masks = [m.to(d.device) for m in sample_masks(args, grid, 1, 0, torch.Generator().manual_seed(0))]
+    flops = report_flops(d, count_flops(model, vis_imgs[:1], *masks), args.global_batch)  # one image, EMA encoder incl.
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
@@ -416,7 +411,7 @@ def main(args):
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'tgt_std.png', out / 'log.jsonl', 'tgt_std')
 
-    logger, saved, stop = Logger(out, d, step), step, None
+    logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)

@@ -353,10 +353,12 @@ def features(model, imgs):
     return model.encoder(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))[:, 0]  # (B, D)
 
 
-def from_encoder(sd, model):
-    """encoder.pth (above) back to this model's names, for --eval_only; the type embedding up to rounding."""
-    if 'pos_embed' not in sd:  # a training checkpoint
-        return sd
+def from_encoder(ckpt, model):
+    """encoder.pth (above) back to this model's names, for --eval_only; the type embedding up to rounding. Anything
+    else: None (read as it is)."""
+    sd = ckpt.get('model') if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or 'pos_embed' not in sd:
+        return None
     w, pos = sd['patch_embed.proj.weight'], sd['pos_embed'][:, 1:] - model.enc_image_pos  # (D, C, p, p), (1, N, D)
     return {**sd, 'image_embedding.weight': w.permute(0, 2, 3, 1).flatten(1), 'encoder_image_type_embedding':
             pos.mean(1, keepdim=True), 'image_embedding.bias': sd['patch_embed.proj.bias']}
@@ -575,7 +577,7 @@ def main(args):
     evaluate = Evaluation(args, features, synthetic=lambda n, seed: SyntheticPairs(n, (H, W), L, args.in_chans, seed))
     if args.eval_only:  # the image path alone: no vocabulary
         model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, 2, args.in_chans)
-        return evaluate.only(model, lambda sd: from_encoder(sd, model))
+        return evaluate.only(model, lambda ckpt: from_encoder(ckpt, model))
     lines = read_lines(args.text_data, '--text_data') if args.text_data else None  # unpaired text, held in memory
     tokens = read_lines(args.vocab, '--vocab') if args.vocab else None
     if args.vocab:

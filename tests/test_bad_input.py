@@ -25,7 +25,8 @@ from PIL import Image
 import common
 from clitools import REPO, assert_same, env, load, ok, read_log, run_and_preempt, run_script
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa')
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa',
+                       'maskfeat')
            if (REPO / f'{m}.py').exists()]
 VIDEO = {'videomae'}  # methods whose --data is a folder of videos
 

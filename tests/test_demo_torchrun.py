@@ -14,7 +14,7 @@ import torch
 import common
 from clitools import REPO, env, load
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan')
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'maskfeat', 'ijepa')
            if (REPO / f'{m}.py').exists()]
 
 

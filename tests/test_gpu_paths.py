@@ -76,9 +76,19 @@ def milan(m):
     return m.MILAN((32, 32), *m.MODELS['tiny'], out_dim=32), (x, target, importance, 0.75)
 
 
+def maskfeat(m):
+    mask = torch.tensor([[True, False, False, True], [False, True, False, False]])  # 2x2 patches of 16 px, 32 px
+    return m.MaskFeat((32, 32), *m.MODELS['tiny']), (images(2, 32), mask)
+
+
+def ijepa(m):
+    masks = m.sample_masks(m.Args(), (12, 12), 2, 0, torch.Generator().manual_seed(0))  # 48 px, 4-px patches
+    return m.IJEPA((48, 48), *m.MODELS['tiny'][:7]), (images(2, 48), *masks)
+
+
 BUILDERS = {'mae': mae, 'simmim': simmim, 'simmim[vit_tiny]': lambda m: simmim(m, 'vit_tiny'), 'beit': beit,
             'um_mae': um_mae, 'um_mae[pvt_tiny]': lambda m: um_mae(m, 'pvt_tiny'), 'hivit': hivit, 'mixmim': mixmim,
-            'videomae': videomae, 'm3ae': m3ae, 'milan': milan}
+            'videomae': videomae, 'm3ae': m3ae, 'milan': milan, 'maskfeat': maskfeat, 'ijepa': ijepa}
 FILE = lambda case: case.split('[')[0]  # noqa: E731
 CASES = [c for c in BUILDERS if (REPO / f'{FILE(c)}.py').exists()]
 METHOD_FILES = sorted(p.stem for p in REPO.glob('*.py') if p.stem != 'common')
@@ -145,7 +155,7 @@ class TokenUses(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize('case', [c for c in ('beit', 'simmim[vit_tiny]', 'mixmim') if c in CASES])
+@pytest.mark.parametrize('case', [c for c in ('beit', 'simmim[vit_tiny]', 'mixmim', 'maskfeat') if c in CASES])
 def test_mask_token_gradient_is_summed_in_fp32(case):
     """The mask token is broadcast over every masked position, so its gradient is a sum over them. Under fp16 autocast
     the reference keeps that product in fp32; a token cast to fp16 first has its gradient summed into fp16, which

@@ -19,6 +19,8 @@ SIZES = {  # px of each preset when --input_size is not given: the reference's, 
     'videomae': {'tiny': 64, 'small': 224, 'base': 224, 'large': 224, 'huge': 224},
     'm3ae': {'tiny': 64, 'small': 256, 'base': 256, 'large': 256, 'huge': 256},
     'milan': {'tiny': 64, 'base': 224, 'large': 224},
+    'maskfeat': {'tiny': 64, 'base': 224, 'large': 224},
+    'ijepa': {'tiny': 48, 'base': 224, 'large': 224, 'huge': 224, 'huge448': 448, 'giant': 224},
 }
 METHODS = [m for m in SIZES if (REPO / f'{m}.py').exists()]
 
