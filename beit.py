@@ -474,13 +474,11 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
                                   lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
     weights = b''.join(v.float().cpu().numpy().tobytes() for v in tokenizer.state_dict().values())
-    fp = optimizer.param_groups[0]['tokenizer'] = hashlib.sha256(weights).hexdigest()[:16]  # saved with the optimizer
+    fp = {'tokenizer': hashlib.sha256(weights).hexdigest()[:16]}  # in the checkpoint: its targets are these tokens
     autocast, scaler = amp_setup(args.amp, d.device)
 
-    step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
-    if optimizer.param_groups[0].setdefault('tokenizer', fp) != fp:  # its targets were another tokenizer's tokens
-        raise SystemExit(f'{"--resume" if args.resume else "resuming"} {args.resume or out / "checkpoint.pth"}: made '
-                         f'with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
+    step = resume(args, model, optimizer, scaler, d, lambda c: c.get('tokenizer', fp['tokenizer']) != fp['tokenizer']
+                  and f'made with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant index buffer: no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
@@ -502,7 +500,7 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
-        if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
+        if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, fp):
             visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done or step}.png')  # epoch_done >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-token accuracy

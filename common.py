@@ -793,10 +793,11 @@ def method_name(args):
     return Path(inspect.getfile(type(args))).name
 
 
-def resume(args, model, optimizer, scaler, d):
+def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
     """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by
     itself); otherwise start from --init weights if given. Returns the optimizer step to continue from. A file
-    that is not this method's and model's training state stops the run with one line, and is left as it is."""
+    that is not this method's and model's training state (or that `check(ckpt)` objects to, in words) stops the
+    run with one line, and is left as it is."""
     last = Path(args.output_dir) / 'checkpoint.pth'
     path = args.resume or (last if last.exists() else None)
     if path is None:
@@ -820,6 +821,8 @@ def resume(args, model, optimizer, scaler, d):
     if any(misfit.values()):  # checked before loading, so the model is never half-loaded
         raise SystemExit(f'{flag} {path}: its model does not fit {ours} --model {args.model}: ' + '; '.join(
             f'{len(v)} {k}, e.g. {v[:2]}' for k, v in misfit.items() if v))
+    if problem := check(ckpt):
+        raise SystemExit(f'{flag} {path}: {problem}')
     model.load_state_dict(sd)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
@@ -829,8 +832,9 @@ def resume(args, model, optimizer, scaler, d):
     return ckpt['step']
 
 
-def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
-    """output_dir/checkpoint.pth, plus checkpoint-<epoch>.pth every --keep_every epochs and at the last.
+def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, extra=None):
+    """output_dir/checkpoint.pth (with the entries of `extra`), plus checkpoint-<epoch>.pth every --keep_every
+    epochs and at the last.
     Collective (every rank's RNG state is gathered); only rank 0 writes, and it alone gets True back. Weights that
     are not all finite are never saved: every rank stops, and the checkpoint on disk keeps the last good state."""
     check_finite(unwrap(model).state_dict(), Path(args.output_dir) / 'checkpoint.pth')
@@ -840,7 +844,7 @@ def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch
     out = Path(args.output_dir)
     ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states,
-            'method': method_name(args)}
+            'method': method_name(args), **(extra or {})}
     save_checkpoint(out / 'checkpoint.pth', ckpt)
     if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
         save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)

@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    cosine_lr, count_flops, finish, image_dataset, load_weights, make_loader, normalize, optimizer_step,
-                    pair, parse_args, report_flops, resume, save_grid, save_loss_curve, save_training_state, setup_run,
-                    sincos_2d, unwrap)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, PatchEmbed, accumulation, amp_setup,
+                    check_args, cosine_lr, count_flops, finish, image_dataset, load_weights, make_loader, normalize,
+                    optimizer_step, pair, parse_args, report_flops, resume, save_grid, save_loss_curve,
+                    save_training_state, setup_run, sincos_2d, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -97,6 +97,11 @@ class Args:
     keep_every: int = 50  # checkpoint-<epoch>.pth every 50 epochs and at the last; ref checkpoint_freq
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads, mlp ratio, predictor D, predictor depth, input size); ref vision_transformer.py and
@@ -110,7 +115,8 @@ MODELS = {
     'giant': (16, 1408, 40, 16, 48 / 11, 384, 16, 224),  # in22k_vitg16_ep44.yaml
 }
 DEMO = dict(data='synthetic:2048', model='tiny', batch_size=64, global_batch=64, epochs=5, warmup_epochs=1,
-            num_workers=2, output_dir='output_ijepa_demo', log_every=8, keep_every=5)
+            num_workers=2, output_dir='output_ijepa_demo', log_every=8, keep_every=5,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3, ref multiblock.py)
 
@@ -365,6 +371,10 @@ def main(args):
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
     grid = (H // patch, W // patch)
     tgt_sizes, ctx_sizes = check_masks(args, grid)  # a min_keep no block can exceed stops here
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(IJEPA((H, W), patch, dim, depth, heads, mlp_ratio, pred_dim, pred_depth, args.in_chans),
+                             release_keys)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
@@ -410,7 +420,11 @@ def main(args):
             visualize(model, vis_imgs, args, out / f'vis_{epoch_done if epoch_done is not None else step}.png')
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'tgt_std.png', out / 'log.jsonl', 'tgt_std')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the target encoder at initialisation (or --init), for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

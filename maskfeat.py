@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Logger, PatchEmbed, accumulation, amp_setup, check_args,
-                    check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
+from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, PatchEmbed, accumulation, amp_setup,
+                    check_args, check_mask_ratio, cosine_lr, count_flops, finish, image_dataset, make_loader, normalize,
                     optimizer_step, pair, param_groups, parse_args, report_flops, resume, save_grid, save_loss_curve,
                     save_training_state, setup_run, unwrap)
 
@@ -86,6 +86,11 @@ class Args:
     keep_every: int = 10  # ref CHECKPOINT_PERIOD: checkpoint-<epoch>.pth every 10 epochs and at the last
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     dist_timeout: float = 10.0  # minutes to wait for the other processes, at start and in any collective (torch NCCL's)
+    eval_data: Optional[str] = None  # labelled images (class subfolders, train/ val/), or synthetic[:N]; ours
+    eval_max: int = 10000  # at most this many train and this many val images per evaluation; ours
+    eval_k: int = 20  # kNN neighbours; DINO eval_knn.py
+    eval_t: float = 0.07  # kNN vote temperature; DINO eval_knn.py
+    eval_only: bool = False  # evaluate the weights of --init on --eval_data (kNN, linear probe), print, exit
 
 
 # name: (patch, D, depth, heads)  ref in1k_VIT_{B,L}_MaskFeat_PT.yaml (MViT with no pooling = ViT)
@@ -94,7 +99,8 @@ INPUT_SIZE = {'tiny': 64, 'base': 224, 'large': 224}  # px when --input_size is 
 NBINS, CELL = 9, 8  # ref masked.py: HOGLayerC(nbins=9, pool=8), 8x8-pixel cells, so 2x2 cells per 16-px patch
 # the demo: small batches and many steps, since the HOG loss sits at the mean predictor's for the first ~150 steps
 DEMO = dict(data='synthetic:2048', model='tiny', input_size=(96,), batch_size=32, global_batch=32, epochs=8,
-            warmup_epochs=1, blr=8e-3, num_workers=2, output_dir='output_maskfeat_demo', log_every=16, keep_every=4)
+            warmup_epochs=1, blr=8e-3, num_workers=2, output_dir='output_maskfeat_demo', log_every=16, keep_every=4,
+            eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3.1, ref transform.py)
 
@@ -323,6 +329,9 @@ def main(args):
     N = grid[0] * grid[1]
     num_mask = round(N * args.mask_ratio)  # ref imagenet.py (Python's round: 78.4 -> 78)
     check_mask_ratio(args.mask_ratio, num_mask, N, 'patches')
+    evaluate = Evaluation(args, features)  # --eval_data checked here, before any work
+    if args.eval_only:
+        return evaluate.only(MaskFeat((H, W), patch, dim, depth, heads, args.in_chans))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
 
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the global batch
@@ -368,7 +377,11 @@ def main(args):
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
             visualize(unwrap(model), vis_imgs, vis_mask, args, out / f'vis_{epoch_done or step}.png')  # epoch >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
+        if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
+            evaluate(model, step, final=step >= total_steps)
 
+    if step == 0:  # the encoder at initialisation, for comparison
+        evaluate(model, 0)
     logger, saved, stop = Logger(out, d, step, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):

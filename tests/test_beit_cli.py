@@ -263,7 +263,7 @@ def test_demo_trains_its_tokenizer_then_beit(tmp_path, restore_signals, capsys):
     w, _ = check_png(out / 'vis_1.png')
     assert w == 5 * (4 * 32 + 2) + 2  # 5 columns: original, masked, true / predicted tokens decoded, right/wrong
     check_png(out / 'tokenizer' / 'loss.png')
-    assert load(out / 'checkpoint.pth')['optimizer']['param_groups'][0]['tokenizer'] == fingerprint(tok)
+    assert load(out / 'checkpoint.pth')['tokenizer'] == fingerprint(tok)
     argv = ['--demo', '--eval_data', '', '--data', 'synthetic:32', '--input_size', 32, '--batch_size', 16,
             '--global_batch', 16, '--epochs', 2, '--num_workers', 0, '--num_mask_patches', 6,
             '--min_mask_patches_per_block', 2, '--output_dir', out]
@@ -272,7 +272,7 @@ def test_demo_trains_its_tokenizer_then_beit(tmp_path, restore_signals, capsys):
 
 
 def fingerprint(tokenizer):
-    """What beit.py records with the optimizer state: sha256 of the tokenizer's weights (float32 bytes, in order)."""
+    """What beit.py records in its checkpoints: sha256 of the tokenizer's weights (float32 bytes, in order)."""
     weights = b''.join(v.float().numpy().tobytes() for v in tokenizer.state_dict().values())
     return hashlib.sha256(weights).hexdigest()[:16]
 
@@ -290,7 +290,7 @@ def test_resume_with_another_tokenizer_is_refused(tok, tmp_path, restore_signals
     run = lambda *argv: beit.main(common.parse_args(beit.Args, argv=[str(a) for a in [*base, *argv]]))  # noqa: E731
     run(tok, '--max_steps', 1)
     ckpt = out / 'checkpoint.pth'
-    before, recorded = ckpt.read_bytes(), load(ckpt)['optimizer']['param_groups'][0]['tokenizer']
+    before, recorded = ckpt.read_bytes(), load(ckpt)['tokenizer']
     assert recorded == fingerprint(beit.load_tokenizer(str(tok))) != fingerprint(beit.load_tokenizer(str(other)))
     code = _main_exit([*base, other, '--max_steps', 2])
     assert code == f'resuming {ckpt}: made with another tokenizer (not --tokenizer {other}); give it, or another ' \
@@ -301,10 +301,10 @@ def test_resume_with_another_tokenizer_is_refused(tok, tmp_path, restore_signals
     run(same, '--max_steps', 2)
     assert load(ckpt)['step'] == 2
     old = load(ckpt)  # written before checkpoints recorded the tokenizer: nothing to compare, it resumes
-    del old['optimizer']['param_groups'][0]['tokenizer']
+    del old['tokenizer']
     torch.save(old, ckpt)
     run(tok, '--max_steps', 3)
-    assert load(ckpt)['step'] == 3 and load(ckpt)['optimizer']['param_groups'][0]['tokenizer'] == recorded
+    assert load(ckpt)['step'] == 3 and load(ckpt)['tokenizer'] == recorded
 
 
 def test_every_check_runs_before_the_tokenizer_stage(tmp_path, restore_signals):
@@ -349,4 +349,4 @@ def test_torchrun_demo_trains_its_tokenizer_then_beit(tmp_path):
     ckpt = load(out / 'checkpoint.pth')
     assert ckpt['step'] == 2 and len(ckpt['rng']) == 2 and (out / 'encoder.pth').exists()
     tokenizer = beit.load_tokenizer(str(out / 'tokenizer' / 'tokenizer.pth'))
-    assert ckpt['optimizer']['param_groups'][0]['tokenizer'] == fingerprint(tokenizer)
+    assert ckpt['tokenizer'] == fingerprint(tokenizer)

@@ -36,9 +36,9 @@ def run_main(*argv, demo=False):
 def demo_run(tmp_path_factory):
     """`python ijepa.py --demo` as a user runs it, made small: 32 images, 2 epochs of 4 steps."""
     out = tmp_path_factory.mktemp('demo') / 'out'
-    res = ok(run_script('ijepa.py', '--demo', '--data', 'synthetic:32', '--batch_size', 8, '--global_batch', 8,
-                        '--epochs', 2, '--num_workers', 0, '--log_every', 1, '--keep_every', 1, '--input_size', 32,
-                        '--min_keep', 4, '--output_dir', out))
+    res = ok(run_script('ijepa.py', '--demo', '--eval_data', '', '--data', 'synthetic:32', '--batch_size', 8,
+                        '--global_batch', 8, '--epochs', 2, '--num_workers', 0, '--log_every', 1, '--keep_every', 1,
+                        '--input_size', 32, '--min_keep', 4, '--output_dir', out))
     return out, res
 
 

@@ -17,8 +17,8 @@ from clitools import REPO, assert_same, load, ok, read_log, run_script
 from clitools import env as _env
 
 # --demo with a small synthetic set at 64 px; 2 images per micro-batch x 2 accumulation = 4: 4 steps per epoch
-SYNTH = ['--demo', '--data', 'synthetic:16', '--input_size', 64, '--batch_size', 2, '--global_batch', 4, '--epochs', 2,
-         '--keep_every', 1, '--num_workers', 0, '--log_every', 1, '--blr', 1e-2]
+SYNTH = ['--demo', '--eval_data', '', '--data', 'synthetic:16', '--input_size', 64, '--batch_size', 2,
+         '--global_batch', 4, '--epochs', 2, '--keep_every', 1, '--num_workers', 0, '--log_every', 1, '--blr', 1e-2]
 
 
 @functools.lru_cache
