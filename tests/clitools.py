@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# every method file present: the cross-method tests (bad input, evaluation, demos under torchrun) run each of them
+METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa',
+                       'maskfeat') if (REPO / f'{m}.py').exists()]
 
 
 def env(threads=1):

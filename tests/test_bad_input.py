@@ -23,11 +23,8 @@ import torch
 from PIL import Image
 
 import common
-from clitools import REPO, assert_same, env, load, ok, read_log, run_and_preempt, run_script
+from clitools import METHODS, REPO, assert_same, env, load, ok, read_log, run_and_preempt, run_script
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa',
-                       'maskfeat')
-           if (REPO / f'{m}.py').exists()]
 VIDEO = {'videomae'}  # methods whose --data is a folder of videos
 
 
@@ -35,7 +32,7 @@ def quick(method, out, *extra):
     """The file's --demo configuration (tiny model, small images) with a batch of 4, no loader workers and no
     evaluation (test_eval.py covers it)."""
     return ['--demo', '--data', 'synthetic:64', '--batch_size', 4, '--global_batch', 4, '--num_workers', 0,
-            '--log_every', 1, *(['--eval_data', ''] if has(method, 'eval_data') else []), '--output_dir', out,
+            '--log_every', 1, '--eval_data', '', '--output_dir', out,
             *EXTRA.get(method, []), *extra]
 
 
@@ -319,8 +316,6 @@ def test_missing_empty_and_all_unreadable_data(method, tmp_path, restore_signals
 def test_bad_eval_data_stops_at_start(method, tmp_path, restore_signals):
     """--eval_data missing, empty, without class subfolders or a malformed synthetic:N, and --eval_only without
     --init: one line before any work (no output folder; BEiT's demo would train its tokenizer first)."""
-    if not has(method, 'eval_data'):
-        pytest.skip(f'{method}.py has no --eval_data yet')
     nope, empty, flat = tmp_path / 'nope', tmp_path / 'empty', tmp_path / 'flat'
     (empty / 'sub').mkdir(parents=True)
     for i in range(3):  # readable files, but no class subfolders: one label

@@ -12,10 +12,7 @@ import pytest
 import torch
 
 import common
-from clitools import REPO, env, load
-
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'maskfeat', 'ijepa')
-           if (REPO / f'{m}.py').exists()]
+from clitools import METHODS, REPO, env, load
 
 
 @pytest.fixture(scope='module')
@@ -25,9 +22,7 @@ def demos(tmp_path_factory):
     for method in METHODS:
         mod = importlib.import_module(method)
         argv = ['--demo', '--data', f'synthetic:{mod.DEMO["global_batch"]}', '--max_steps', '1', '--num_workers', '0',
-                '--log_every', '1', '--output_dir', str(tmp / method)]
-        if 'eval_data' in mod.DEMO:  # evaluation: test_eval.py
-            argv += ['--eval_data', '']
+                '--log_every', '1', '--eval_data', '', '--output_dir', str(tmp / method)]  # evaluation: test_eval.py
         if method == 'beit':  # a small tokenizer file instead of the demo's tokenizer training
             torch.save(mod.Encoder(8, 1, mod.DEMO['vocab_size']).state_dict(), tmp / 'tokenizer.pth')
             argv += ['--tokenizer', str(tmp / 'tokenizer.pth')]

@@ -13,10 +13,8 @@ import torch
 from PIL import Image
 
 import common
-from clitools import REPO, assert_same, env, load, ok, read_log
+from clitools import METHODS, REPO, assert_same, env, load, ok, read_log
 
-METHODS = [m for m in ('mae', 'simmim', 'beit', 'um_mae', 'hivit', 'mixmim', 'videomae', 'm3ae', 'milan', 'ijepa',
-                       'maskfeat') if (REPO / f'{m}.py').exists() and 'eval_data:' in (REPO / f'{m}.py').read_text()]
 
 
 # --------------------------------------------------------------------------- the measures
