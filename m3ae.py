@@ -51,11 +51,8 @@ from common import (Block, Evaluation, ImageFiles, Logger, accumulation, amp_set
                     parse_args, patchify, report_flops, resume, save_grid, save_loss_curve, save_training_state,
                     setup_run, sincos_1d, sincos_2d, unpatchify, unwrap)
 
-CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)  # ref data.py 'cc12m'
 
 # --------------------------------------------------------------------------- config
-
-
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
@@ -82,8 +79,8 @@ class Args:
     weight_decay: float = 0.05  # ref README
     betas: tuple = (0.9, 0.95)  # ref optax.adamw(b1=0.9, b2=0.95)
     clip_grad: float = 0.0  # 0 = none; ref clip_by_global_norm(1e9)
-    mean: tuple = CC12M_MEAN  # ref image_normalization 'cc12m'
-    std: tuple = CC12M_STD  # ref image_normalization 'cc12m'
+    mean: tuple = (0.5762, 0.5503, 0.5213)  # ref image_normalization 'cc12m'
+    std: tuple = (0.3207, 0.3169, 0.3307)  # ref image_normalization 'cc12m'
     num_workers: int = 16  # ref README --dataloader_n_workers
     seed: int = 42  # ref; data and masks use seed + rank
     amp: Optional[str] = None  # bf16 | fp16 | none (fp32); default: bf16 on CUDA, fp32 on the CPU
@@ -113,17 +110,14 @@ DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, 
             keep_every=4, eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- text: BERT's uncased WordPiece
-
-
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 SPECIAL = re.compile(r'(\[(?:PAD|UNK|CLS|SEP|MASK)\])')  # BERT's special tokens, kept whole when a text has them
 
 
 def basic_words(text):
-    """BERT's uncased BasicTokenizer: special tokens stay whole; elsewhere drop U+FFFD and every char of Unicode
-    category C* but tab and newlines (control, format, private use, unassigned), lower-case, strip accents, split on
-    whitespace, every punctuation (ASCII symbols, Unicode P*) and CJK char a word of its own."""
+    """BERT's uncased BasicTokenizer: special tokens kept whole; else drop U+FFFD and Unicode C* but tab and newlines,
+    lower-case, strip accents, split on whitespace; each punctuation (ASCII symbols, Unicode P*) or CJK char a word."""
     out = []
     for k, part in enumerate(SPECIAL.split(text)):
         if k % 2:  # a special token
@@ -142,7 +136,6 @@ def basic_words(text):
 class WordPiece:
     """BERT's WordPiece over a vocab (one token per line, id = line number): greedy longest match, '##' before
     continuations, [UNK] for a word over 100 chars or that cannot be split. No [CLS]/[SEP] (ref), pad id 0."""
-
     def __init__(self, tokens):
         self.tokens, self.vocab = list(tokens), {t: i for i, t in enumerate(tokens)}
         self.unk = self.vocab.get('[UNK]', 1)
@@ -167,8 +160,7 @@ class WordPiece:
 
 
 def read_lines(path, flag):
-    """The lines of a UTF-8 text file (ended by LF, CRLF or CR; a BOM at its start is read away); one line naming the
-    file, and the byte offset, when it is missing or not UTF-8."""
+    """The lines of a UTF-8 file (ends LF, CRLF or CR; a leading BOM dropped); missing or not UTF-8: one line."""
     if not Path(path).is_file():
         raise SystemExit(f'{flag} {path}: no such file')
     data = Path(path).read_bytes()
@@ -182,18 +174,17 @@ def read_lines(path, flag):
 
 
 def check_vocab(tokens, path):
-    """The file relies on [PAD] being id 0 (padding) and on [UNK] (unknown words), as BERT's vocab.txt has them."""
+    """The tokens, once they have [PAD] as id 0 (padding) and [UNK] (unknown words), as BERT's vocab.txt has."""
     missing = [t for t in ('[PAD]', '[UNK]') if t not in tokens]
     problem = ('is empty' if not tokens else f'lacks {" and ".join(missing)}' if missing else
                f'has [PAD] on line {tokens.index("[PAD]") + 1}, not 1' if tokens[0] != '[PAD]' else '')
     if problem:
         raise SystemExit(f'--vocab {path} {problem}: padding is id 0 = [PAD] (the first line) and unknown words are '
                          f'[UNK], as in BERT\'s vocab.txt')
+    return tokens
 
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3, ref random_masking)
-
-
 def random_masking(x, n_keep, noise=None, pad=None):
     """ONE permutation for the whole batch (ref: noise of shape (N,)): the n_keep positions of smallest noise stay.
     x (B, N, D) -> x_vis (B, n_keep, D), mask (B, N) True = hidden, ids_restore (N,), the kept part of pad (B, N)."""
@@ -207,11 +198,8 @@ def random_masking(x, n_keep, noise=None, pad=None):
 
 
 # --------------------------------------------------------------------------- model
-
-
 class Transformer(nn.Module):
     """Pre-norm blocks (GELU tanh, LayerNorm eps 1e-6: Flax defaults) and a final LayerNorm (ref Transformer)."""
-
     def __init__(self, dim, depth, heads):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, eps=1e-6) for _ in range(depth))
@@ -228,12 +216,10 @@ class Transformer(nn.Module):
 
 class M3AE(nn.Module):
     """MaskedMultimodalAutoencoder (ref model.py), image path as flat patches through a Dense, as the reference."""
-
     def __init__(self, img_size, patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, vocab_size, in_chans=3,
                  mask_ratio=0.75, text_mask_ratio=0.75, weights=(1.0, 0.5, 1.0), max_len=256):
         super().__init__()
-        H, W = pair(img_size)
-        self.patch, self.grid, self.in_chans = patch, (H // patch, W // patch), in_chans
+        self.patch, self.grid, self.in_chans = patch, tuple(s // patch for s in pair(img_size)), in_chans  # grid (h, w)
         self.mask_ratio, self.text_mask_ratio, self.weights = mask_ratio, text_mask_ratio, weights
         self.image_embedding = nn.Linear(patch * patch * in_chans, dim)  # Dense on (row, col, channel) pixels
         self.text_embedding = nn.Embedding(vocab_size, dim)
@@ -250,9 +236,7 @@ class M3AE(nn.Module):
         for name, d in (('enc', dim), ('dec', dec_dim)):
             self.register_buffer(f'{name}_image_pos', sincos_2d(d, *self.grid)[None], persistent=False)  # (1, N, d)
             self.register_buffer(f'{name}_text_pos', sincos_1d(d, torch.arange(max_len))[None], persistent=False)
-        self.initialize_weights()
-
-    def initialize_weights(self):  # Flax: Dense xavier_uniform + zero bias, Embed N(0, 1), params N(0, .02), LN 1/0
+        # Flax's initialisers: Dense xavier_uniform + zero bias, Embed N(0, 1), params N(0, .02), LayerNorm 1/0
         for m in self.modules():
             if isinstance(m, nn.Linear):  # fused qkv initialised as one (3D, D) matrix, as Flax's Dense(3D)
                 nn.init.xavier_uniform_(m.weight)
@@ -316,8 +300,6 @@ class M3AE(nn.Module):
 
 
 # --------------------------------------------------------------------------- losses (ref model.py)
-
-
 def image_loss(pred, target, mask):
     """ref patch_mse_loss: per-sample mean over hidden patches of the MSE, then the batch mean. mask (B, N)."""
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
@@ -354,8 +336,7 @@ def features(model, imgs):
 
 
 def from_encoder(ckpt, model):
-    """encoder.pth (above) back to this model's names, for --eval_only; the type embedding up to rounding. Anything
-    else: None (read as it is)."""
+    """encoder.pth back to this model's names for --eval_only (type embedding up to rounding); else None (as is)."""
     sd = ckpt.get('model') if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or 'pos_embed' not in sd:
         return None
@@ -375,12 +356,9 @@ def param_groups(model, weight_decay):
 
 
 # --------------------------------------------------------------------------- --init from the reference's Flax pickle
-
-
 class Stub:
     """Stands in for each class or function the pickle names (Flax's train state, optax's, cloudpickle's function
     builders): making, calling, building or filling one only keeps what it was given, so nothing of the file runs."""
-
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
         self.args, self.state, self.items = args, None, {}
@@ -408,7 +386,6 @@ FLAX_NAMES = (('LayerNorm_1', 'norm2'), (r'(Block_\d+/)LayerNorm_0', r'\1norm1')
 class FlaxUnpickler(pickle.Unpickler):
     """Rebuilds containers, numpy arrays and dtypes (numpy's pickles name _frombuffer and dtype); every other global
     becomes a Stub, and one from outside those libraries (os.system, ...) or that runs code (eval, ...) is refused."""
-
     def find_class(self, module, name):
         root = module.split('.')[0]
         if root == 'numpy' and name == '_frombuffer':
@@ -433,9 +410,8 @@ def flax_arrays(tree, prefix=''):
 
 
 def load_flax(model, path):
-    """--init from the reference's pickle ({'step', 'epoch', 'variant', 'state'} by cloudpickle, as its released
-    weights): state.params['params'] renamed, Dense kernels transposed; tensors that do not fit stay as initialised.
-    False, loading nothing, for a file that is no pickle of protocol 4 or 5 (a torch checkpoint is a zip archive)."""
+    """--init from the reference's cloudpickle ({'step', 'epoch', 'variant', 'state'}): state.params['params'] renamed,
+    Dense kernels transposed, misfits left as initialised. False for no pickle of protocol 4/5 (torch saves zips)."""
     with open(path, 'rb') as f:
         if f.read(2) not in (b'\x80\x04', b'\x80\x05'):
             return False
@@ -462,12 +438,9 @@ def load_flax(model, path):
 
 
 # --------------------------------------------------------------------------- data: image-caption pairs
-
-
 class CaptionedImages(ImageFiles):
     """Images with a same-stem .txt caption (found as common.ImageFiles does; no .txt = empty), or a .tsv of
     path<TAB>caption, paths relative to it. Items ((uint8 (C, H, W), ids (L,), pad (L,)), label, bad) as ImageFiles."""
-
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
         if root.suffix.lower() == '.tsv' and root.is_file():  # ImageFiles' fields, without walking a folder
@@ -501,7 +474,6 @@ SHAPES, SIZES, PLACES = ('disc', 'square', 'triangle'), ('small', 'big'), ('left
 class SyntheticPairs(torch.utils.data.Dataset):
     """One shape on a plain background, captioned from what it shows; no augmentation (the caption names sides).
     Labelled by the shape; without a tokenizer (evaluation) an item is the image alone."""
-
     def __init__(self, n, size, text_len, in_chans=3, seed=0):
         self.n, self.size, self.text_len, self.in_chans, self.seed = n, pair(size), text_len, in_chans, seed
         self.tokenizer = None
@@ -533,15 +505,12 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- pictures
-
-
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
     """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under each row its
     caption, hidden words as [true>predicted]. Targets are dataset-normalised: nothing hidden is used to show them."""
-    was_training = model.training
+    was_training, (imgs, text, pad) = model.training, batch
     model.eval()
-    imgs, text, pad = batch
     g = torch.Generator().manual_seed(0)
     noise = [torch.rand(n, generator=g).to(imgs.device) for n in (model.grid[0] * model.grid[1], text.shape[1])]
     _, out = model(imgs, text, pad, noise=noise)
@@ -560,13 +529,11 @@ def visualize(model, batch, tokenizer, args, path):
 
 
 # --------------------------------------------------------------------------- training
-
-
 def main(args):
     check_args(args, MODELS, positive=('text_len', 'unpaired_len'),
                non_negative=('image_loss_weight', 'text_loss_weight', 'unpaired_text_weight'))
     args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
-    patch, dim, depth, heads, dec_dim, dec_depth, dec_heads = MODELS[args.model]
+    patch = MODELS[args.model][0]
     H, W = pair(args.input_size)
     if H % patch or W % patch:
         raise SystemExit(f'--input_size {H} {W} is not divisible by the patch size {patch} of --model {args.model}')
@@ -576,14 +543,11 @@ def main(args):
         raise SystemExit(f'--text_mask_ratio {args.text_mask_ratio} hides none of {L} text positions: give 0 < r <= 1')
     evaluate = Evaluation(args, features, synthetic=lambda n, seed: SyntheticPairs(n, (H, W), L, args.in_chans, seed))
     if args.eval_only:  # the image path alone: no vocabulary
-        model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, 2, args.in_chans)
+        model = M3AE((H, W), *MODELS[args.model], 2, args.in_chans)
         return evaluate.only(model, lambda ckpt: from_encoder(ckpt, model))
     lines = read_lines(args.text_data, '--text_data') if args.text_data else None  # unpaired text, held in memory
-    tokens = read_lines(args.vocab, '--vocab') if args.vocab else None
-    if args.vocab:
-        check_vocab(tokens, args.vocab)
+    tokens = check_vocab(read_lines(args.vocab, '--vocab'), args.vocab) if args.vocab else None
     d, out = setup_run(args)  # process group, seeds + rank, output folder
-
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the paper's global batch
     lr = args.blr * args.global_batch / 256
 
@@ -609,13 +573,12 @@ def main(args):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
     weights = (args.image_loss_weight, args.text_loss_weight, args.unpaired_text_weight)
-    model = M3AE((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, len(tokens), args.in_chans,
-                 args.mask_ratio, args.text_mask_ratio, weights, max(L, args.unpaired_len)).to(d.device)
+    model = M3AE((H, W), *MODELS[args.model], len(tokens), args.in_chans, args.mask_ratio, args.text_mask_ratio,
+                 weights, max(L, args.unpaired_len)).to(d.device)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # fused: skips a non-finite step on the device
     autocast, scaler = amp_setup(args.amp, d.device)
-
     fresh = not args.resume and not (out / 'checkpoint.pth').exists()  # else resume() continues a run
     flax = fresh and args.init and Path(args.init).is_file() and load_flax(model, args.init)  # the reference's pickle
     step = resume(dataclasses.replace(args, init=None) if flax else args, model, optimizer, scaler, d)
@@ -667,7 +630,7 @@ def main(args):
             logger.wait += time.perf_counter() - t
             imgs = normalize(imgs.to(d.device, non_blocking=True), mean, std)  # (B, C, H, W)
             text, pad = text.to(d.device, non_blocking=True), pad.to(d.device, non_blocking=True)  # (B, L)
-            unpaired = [u.to(d.device, non_blocking=True) for u in unpaired]
+            unpaired = [u.to(d.device, non_blocking=True) for u in unpaired]  # (B, L_u) x2
             if it % accum == 0:  # per-iteration schedule from the fractional epoch
                 for g in optimizer.param_groups:
                     g['lr'] = cosine_lr(epoch + it / iters_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs)
