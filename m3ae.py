@@ -53,6 +53,8 @@ from common import (Block, Evaluation, ImageFiles, Logger, accumulation, amp_set
 
 
 # --------------------------------------------------------------------------- config
+
+
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
@@ -110,6 +112,8 @@ DEMO = dict(data='synthetic:2048', model='tiny', input_size=(64,), text_len=12, 
             keep_every=4, eval_data='synthetic:1000')
 
 # --------------------------------------------------------------------------- text: BERT's uncased WordPiece
+
+
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 SPECIAL = re.compile(r'(\[(?:PAD|UNK|CLS|SEP|MASK)\])')  # BERT's special tokens, kept whole when a text has them
@@ -136,6 +140,7 @@ def basic_words(text):
 class WordPiece:
     """BERT's WordPiece over a vocab (one token per line, id = line number): greedy longest match, '##' before
     continuations, [UNK] for a word over 100 chars or that cannot be split. No [CLS]/[SEP] (ref), pad id 0."""
+
     def __init__(self, tokens):
         self.tokens, self.vocab = list(tokens), {t: i for i, t in enumerate(tokens)}
         self.unk = self.vocab.get('[UNK]', 1)
@@ -185,6 +190,8 @@ def check_vocab(tokens, path):
 
 
 # --------------------------------------------------------------------------- masking (paper Sec. 3, ref random_masking)
+
+
 def random_masking(x, n_keep, noise=None, pad=None):
     """ONE permutation for the whole batch (ref: noise of shape (N,)): the n_keep positions of smallest noise stay.
     x (B, N, D) -> x_vis (B, n_keep, D), mask (B, N) True = hidden, ids_restore (N,), the kept part of pad (B, N)."""
@@ -198,8 +205,11 @@ def random_masking(x, n_keep, noise=None, pad=None):
 
 
 # --------------------------------------------------------------------------- model
+
+
 class Transformer(nn.Module):
     """Pre-norm blocks (GELU tanh, LayerNorm eps 1e-6: Flax defaults) and a final LayerNorm (ref Transformer)."""
+
     def __init__(self, dim, depth, heads):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, eps=1e-6) for _ in range(depth))
@@ -216,6 +226,7 @@ class Transformer(nn.Module):
 
 class M3AE(nn.Module):
     """MaskedMultimodalAutoencoder (ref model.py), image path as flat patches through a Dense, as the reference."""
+
     def __init__(self, img_size, patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, vocab_size, in_chans=3,
                  mask_ratio=0.75, text_mask_ratio=0.75, weights=(1.0, 0.5, 1.0), max_len=256):
         super().__init__()
@@ -300,6 +311,8 @@ class M3AE(nn.Module):
 
 
 # --------------------------------------------------------------------------- losses (ref model.py)
+
+
 def image_loss(pred, target, mask):
     """ref patch_mse_loss: per-sample mean over hidden patches of the MSE, then the batch mean. mask (B, N)."""
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
@@ -356,9 +369,12 @@ def param_groups(model, weight_decay):
 
 
 # --------------------------------------------------------------------------- --init from the reference's Flax pickle
+
+
 class Stub:
     """Stands in for each class or function the pickle names (Flax's train state, optax's, cloudpickle's function
     builders): making, calling, building or filling one only keeps what it was given, so nothing of the file runs."""
+
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
         self.args, self.state, self.items = args, None, {}
@@ -386,6 +402,7 @@ FLAX_NAMES = (('LayerNorm_1', 'norm2'), (r'(Block_\d+/)LayerNorm_0', r'\1norm1')
 class FlaxUnpickler(pickle.Unpickler):
     """Rebuilds containers, numpy arrays and dtypes (numpy's pickles name _frombuffer and dtype); every other global
     becomes a Stub, and one from outside those libraries (os.system, ...) or that runs code (eval, ...) is refused."""
+
     def find_class(self, module, name):
         root = module.split('.')[0]
         if root == 'numpy' and name == '_frombuffer':
@@ -438,9 +455,12 @@ def load_flax(model, path):
 
 
 # --------------------------------------------------------------------------- data: image-caption pairs
+
+
 class CaptionedImages(ImageFiles):
     """Images with a same-stem .txt caption (found as common.ImageFiles does; no .txt = empty), or a .tsv of
     path<TAB>caption, paths relative to it. Items ((uint8 (C, H, W), ids (L,), pad (L,)), label, bad) as ImageFiles."""
+
     def __init__(self, root, size, text_len, in_chans=3, seed=0):
         root, self.text_len, self.tokenizer = Path(root), text_len, None
         if root.suffix.lower() == '.tsv' and root.is_file():  # ImageFiles' fields, without walking a folder
@@ -474,6 +494,7 @@ SHAPES, SIZES, PLACES = ('disc', 'square', 'triangle'), ('small', 'big'), ('left
 class SyntheticPairs(torch.utils.data.Dataset):
     """One shape on a plain background, captioned from what it shows; no augmentation (the caption names sides).
     Labelled by the shape; without a tokenizer (evaluation) an item is the image alone."""
+
     def __init__(self, n, size, text_len, in_chans=3, seed=0):
         self.n, self.size, self.text_len, self.in_chans, self.seed = n, pair(size), text_len, in_chans, seed
         self.tokenizer = None
@@ -505,6 +526,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- pictures
+
+
 @torch.no_grad()
 def visualize(model, batch, tokenizer, args, path):
     """original | masked input | reconstruction (visible pasted) for a fixed batch and masks; under each row its
@@ -529,6 +552,8 @@ def visualize(model, batch, tokenizer, args, path):
 
 
 # --------------------------------------------------------------------------- training
+
+
 def main(args):
     check_args(args, MODELS, positive=('text_len', 'unpaired_len'),
                non_negative=('image_loss_weight', 'text_loss_weight', 'unpaired_text_weight'))
