@@ -230,9 +230,8 @@ class Encoder(nn.Module):
 
 
 class DVAE(nn.Module):
-    """The file's own small discrete VAE (DALLE-pytorch's DiscreteVAE without res blocks; small and quick to train):
-    three stride-2 convs to vocab logits (8x downsampling), a Gumbel-softmax relaxation of the token choice, a 1x1
-    "codebook" conv and three transposed convs back. Loss = MSE in [0.1, 0.9] + kl_weight x KL(q || uniform)."""
+    """The file's own small discrete VAE (DALLE-pytorch's DiscreteVAE without res blocks, quick to train): stride-2
+    convs down 8x to vocab logits, a Gumbel-softmax token choice, a 1x1 "codebook" conv, transposed convs back."""
 
     def __init__(self, vocab, w):
         super().__init__()
@@ -347,8 +346,7 @@ class BEiT(nn.Module):
 
 
 def features(model, imgs):
-    """The patch tokens after the last norm, averaged; nothing masked: the pooled feature BEiT fine-tunes on (ref
-    modeling_finetune.py use_mean_pooling)."""
+    """Patch tokens after the last norm, averaged, nothing masked: what BEiT fine-tunes on (ref use_mean_pooling)."""
     return model.forward_features(imgs, torch.zeros(len(imgs), model.patch_embed.num_patches, dtype=torch.bool,
                                                     device=imgs.device))[:, 1:].mean(1)  # (B, D)
 
@@ -377,9 +375,8 @@ def visualize(model, tokenizer, batch, args, path):
     ids = visual_tokens(tokenizer, map_pixels(tok_imgs))  # (B, N)
     _, out = model(normalize(imgs, args.mean, args.std), mask, ids)
     pred = torch.where(mask, ids.scatter(1, out['pos'], out['logits'].argmax(-1)), ids)  # (B, N): predicted at mask
-    p, (gh, gw) = model.patch_embed.patch_size, model.grid
+    p, (gh, gw), orig = model.patch_embed.patch_size, model.grid, imgs.float() / 255
     up = lambda m: m.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # noqa: E731
-    orig = imgs.float() / 255
     cols = [('original', orig), ('masked input', torch.where(up(mask), 0.5, orig))]
     if hasattr(tokenizer, 'decode'):
         dec = lambda t: F.interpolate(tokenizer.decode(t, (gh, gw)), size=orig.shape[-2:], mode='nearest')  # noqa
@@ -435,7 +432,8 @@ def main(args):
     check_args(args, MODELS, positive=('num_mask_patches', 'min_mask_patches_per_block', 'vocab_size', 'tok_width',
                                        'tok_epochs', 'tok_lr', 'tok_temp', 'crop_scale'), non_negative=('kl_weight',))
     args = dataclasses.replace(args, input_size=args.input_size or (INPUT_SIZE[args.model],))  # the preset's size
-    patch, H, W = MODELS[args.model][0], *pair(args.input_size)
+    *arch, scale = MODELS[args.model]  # patch, D, depth, heads; the preset's layer scale
+    patch, H, W, scale = arch[0], *pair(args.input_size), scale if args.layer_scale is None else args.layer_scale
     if args.stage not in ('pretrain', 'tokenizer') or H % patch or W % patch:
         raise SystemExit(f'--stage is pretrain or tokenizer; --input_size {H} {W} must be divisible by the patch size '
                          f'{patch} of --model {args.model}')
@@ -445,9 +443,7 @@ def main(args):
                          f'{args.min_mask_patches_per_block} to {N - 1} of the {N} patches')
     evaluate = Evaluation(args, features)  # --eval_data checked here, before any work (the demo's tokenizer too)
     if args.eval_only:  # the encoder alone: no tokenizer
-        *arch, scale = MODELS[args.model]
-        return evaluate.only(BEiT((H, W), *arch, args.vocab_size, 0.0, scale if args.layer_scale is None else
-                                  args.layer_scale, args.abs_pos_emb))
+        return evaluate.only(BEiT((H, W), *arch, args.vocab_size, 0.0, scale, args.abs_pos_emb))
     tok = Path(args.output_dir) / 'tokenizer' / 'tokenizer.pth'  # --stage tokenizer's; the demo trains it once
     own = not pretrain or args.demo and args.tokenizer is None and not tok.exists()
     args = dataclasses.replace(args, tokenizer=args.tokenizer or (str(tok) if args.demo else None))
@@ -458,32 +454,26 @@ def main(args):
     d, out = setup_run(args if pretrain else dataclasses.replace(args, output_dir=str(tok.parent)))
     accum = accumulation(args, d) if pretrain else 1  # per-GPU x GPUs x accum = the global batch
     loader, sampler = make_loader(dataset := TwoViews(args, grid), args.batch_size, args.num_workers, d, args.seed)
-    iters_per_epoch = len(sampler) // args.batch_size // accum * accum
-    steps_per_epoch = iters_per_epoch // accum
+    steps_per_epoch = len(sampler) // args.batch_size // accum  # whole accumulation cycles
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     tokenizer = train_tokenizer(args, d, loader, sampler) if own else tokenizer.to(d.device)
     if not pretrain:
         return tokenizer
-    *arch, layer_scale = MODELS[args.model]  # patch, D, depth, heads
-    model = BEiT(pair(args.input_size), *arch, tokenizer.vocab, args.drop_path, layer_scale if args.layer_scale is None
-                 else args.layer_scale, args.abs_pos_emb).to(d.device)
-
+    model = BEiT((H, W), *arch, tokenizer.vocab, args.drop_path, scale, args.abs_pos_emb).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, skip={'pos_embed', 'cls_token'}),  # ref
                                   lr=args.lr, betas=args.betas, fused=True)  # fused: skips a bad step on the device
     weights = b''.join(v.float().cpu().numpy().tobytes() for v in tokenizer.state_dict().values())
-    fp = {'tokenizer': hashlib.sha256(weights).hexdigest()[:16]}  # in the checkpoint: its targets are these tokens
+    fp = hashlib.sha256(weights).hexdigest()[:16]  # in the checkpoint: its targets are these tokens
     autocast, scaler = amp_setup(args.amp, d.device)
-
-    step = resume(args, model, optimizer, scaler, d, lambda c: c.get('tokenizer', fp['tokenizer']) != fp['tokenizer']
-                  and f'made with another tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
+    step = resume(args, model, optimizer, scaler, d, lambda c: c.get('tokenizer', fp) != fp and f'made with another '
+                  f'tokenizer (not --tokenizer {args.tokenizer}); give it, or another --output_dir')
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:  # constant index buffer: no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
                                                   broadcast_buffers=False)
-
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
         print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params, {grid[0]}x{grid[1]} '
@@ -492,7 +482,6 @@ def main(args):
               f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; lr = '
               f'{args.lr:g} (absolute: the reference does not scale it by the batch), warmup {args.warmup_epochs} '
               f'epochs from 0, cosine to {args.min_lr:g}')
-
     vis = [torch.stack(t).to(d.device) for t in zip(*[dataset[(0, i % len(dataset))][0] for i in range(8)])]
     img, tok_img, m = (t[:1].float() for t in vis)  # FLOPs of one image, k = the mask budget; the dVAE: its encoder
     flops = report_flops(d, count_flops(model, img, m.bool(), m.long(), args.num_mask_patches), args.global_batch,
@@ -500,7 +489,7 @@ def main(args):
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
-        if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, fp):
+        if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, {'tokenizer': fp}):
             visualize(unwrap(model), tokenizer, vis, args, out / f'vis_{epoch_done or step}.png')  # epoch_done >= 1
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
             save_loss_curve(out / 'mlm_acc.png', out / 'log.jsonl', 'mlm_acc')  # masked-token accuracy
@@ -515,7 +504,7 @@ def main(args):
         first = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already done (resume)
         sampler.set_epoch(epoch, skip=first * args.batch_size)
         batches = iter(loader)
-        for it in range(first, iters_per_epoch):
+        for it in range(first, steps_per_epoch * accum):
             t = time.perf_counter()
             (imgs, tok_imgs, mask), _, bad_files = next(batches)  # bad_files: unreadable files' indices, else -1
             logger.wait += time.perf_counter() - t
@@ -534,16 +523,14 @@ def main(args):
             logger.add(loss, bad_files, {'mlm_acc': extras['mlm_acc']})  # on the device until the next log step
             if not update:
                 continue
-            _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
-            logger.stepped(bad)
+            logger.stepped(optimizer_step(optimizer, scaler, params, args.clip_grad)[1])  # [1]: skipped, on the device
             step += 1
             if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
-                stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
+                stop = logger.log_step(epoch + (it + 1) / (steps_per_epoch * accum), step, total_steps,
                                        optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
             if stop or step >= total_steps:
                 break
-        epoch_complete = step == (epoch + 1) * steps_per_epoch
-        if epoch_complete and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        if step == (epoch + 1) * steps_per_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             save(epoch + 1)
             saved = step
         if stop or step >= total_steps:

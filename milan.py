@@ -247,7 +247,6 @@ def load_teacher(path, n_tokens, patch, in_chans):
         raise SystemExit(f'--teacher {path}: does not fit a CLIP ViT ({" ".join(str(e).split())[:240]})') from None
     return teacher.eval().requires_grad_(False)
 
-
 # --------------------------------------------------------------------------- masking (paper Sec. 3.2)
 
 
@@ -277,7 +276,6 @@ def order_to_mask(ids_shuffle, mask_ratio):
 
 def gather_tokens(x, ids):
     return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))  # (B, len(ids), D)
-
 
 # --------------------------------------------------------------------------- model
 
@@ -356,8 +354,7 @@ class MILAN(nn.Module):
 
     def forward_decoder(self, latent, ids_shuffle, ids_restore):
         x = self.decoder_embed(latent)  # (B, 1+N_vis, Dd)
-        B, N = ids_shuffle.shape
-        n_keep = x.shape[1] - 1
+        (B, N), n_keep = ids_shuffle.shape, x.shape[1] - 1
         x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, N - n_keep, -1)], dim=1)  # (B, N, Dd) shuffled order
         x = torch.cat([x[:, :1], gather_tokens(x_, ids_restore)], dim=1) + self.decoder_pos_embed  # (B, 1+N, Dd)
         # cls + visible: fixed prompts, never updated by the blocks (not detached: gradients flow through them)
@@ -391,7 +388,6 @@ def encoder_state_dict(model):
     """The encoder in timm's VisionTransformer layout (what MILAN's fine-tuning code and timm's ViT load)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(('decoder', 'mask_token'))}
 
-
 # --------------------------------------------------------------------------- loss (ref forward_loss, use_clip)
 
 
@@ -402,7 +398,6 @@ def forward_loss(pred, target):
     pred = pred / pred.norm(dim=-1, keepdim=True)
     target = target / target.norm(dim=-1, keepdim=True)
     return (2 - 2 * (pred * target).sum(dim=-1)).mean()
-
 
 # --------------------------------------------------------------------------- pictures
 
@@ -431,7 +426,6 @@ def visualize(model, teacher, imgs, args, path, random_teacher):
                      ('sampled mask', masked), ('cos(pred, target)', up((cos + 1) / 2))], note)
     model.train(was_training)
 
-
 # --------------------------------------------------------------------------- training
 
 
@@ -459,10 +453,8 @@ def main(args):
     else:
         teacher = load_teacher(teacher_path, N + 1, patch, args.in_chans)
     d, out = setup_run(args)  # process group, seeds + rank, output folder
-
     accum = accumulation(args, d)
     lr = args.blr * args.global_batch / 256
-
     dataset = image_dataset(args, scale=(0.2, 1.0), interpolation='bicubic')  # ref: RRC(0.2, 1, bicubic) + flip
     loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
@@ -470,19 +462,16 @@ def main(args):
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-
     teacher = teacher.to(d.device)
     model = MILAN((H, W), patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, teacher.proj.shape[1],
                   args.in_chans).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas, fused=True)
     autocast, scaler = amp_setup(args.amp, d.device)
-
     step = resume(args, model, optimizer, scaler, d)  # output_dir/checkpoint.pth if present, else --init weights
     fwd = torch.compile(model) if args.compile else model
     if d.world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
-
     tag = 'RANDOM teacher (no CLIP file): targets carry no language' if random_teacher else f'teacher {teacher_path}'
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
@@ -491,26 +480,22 @@ def main(args):
               f'{len(dataset)} images, {steps_per_epoch} steps/epoch')
         print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
               f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
-
-    vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
-    vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    vis_imgs = normalize(torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device), mean, std)
     img = vis_imgs[:1]  # FLOPs of one image: the student's training step, the frozen teacher's forward
     flops = report_flops(d, count_flops(model, img, *teacher(img), args.mask_ratio), args.global_batch,
                          teacher=count_flops(teacher, img))
 
     def save(epoch_done):  # collective; rank 0 writes the checkpoints and the pictures
         if save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done):
-            visualize(unwrap(model), teacher, vis_imgs, args,
-                      out / f'vis_{epoch_done if epoch_done is not None else step}.png', random_teacher)
+            visualize(unwrap(model), teacher, vis_imgs, args, out / f'vis_{epoch_done or step}.png', random_teacher)
             save_loss_curve(out / 'loss.png', out / 'log.jsonl')
         if not stop:  # collective: kNN on --eval_data, and a linear probe at the end
             evaluate(model, step, final=step >= total_steps)
 
     if step == 0:  # the encoder at initialisation, for comparison
         evaluate(model, 0)
-    # every log line says when the targets come from a random teacher
-    note = ' [RANDOM teacher]' if random_teacher else ''
+    note = ' [RANDOM teacher]' if random_teacher else ''  # every log line says when the targets carry no language
     logger, saved, stop = Logger(out, d, step, note=note, flops=flops), step, None
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -535,16 +520,14 @@ def main(args):
             logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
-            _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
-            logger.stepped(bad)
+            logger.stepped(optimizer_step(optimizer, scaler, params, args.clip_grad)[1])  # [1]: skipped, on the device
             step += 1
             if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
                 stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
                                        optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
             if stop or step >= total_steps:
                 break
-        epoch_complete = step == (epoch + 1) * steps_per_epoch
-        if epoch_complete and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        if step == (epoch + 1) * steps_per_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             save(epoch + 1)
             saved = step
         if stop or step >= total_steps:

@@ -123,9 +123,8 @@ def uniform_mask(B, gh, gw, device, generator=None):
 def secondary_mask(mask, ratio, noise=None):
     """Secondary masking: int(n_vis (1 - ratio)) of the visible units per image stay, the rest are hidden (ref
     forward_encoder: argsort of noise + mask, n_vis read from image 0). Returns (B, L) bool, True = hidden."""
-    B, L = mask.shape
     n_keep = ((~mask[0]).sum().double() * (1 - ratio)).floor()  # a device scalar: no host sync
-    noise = torch.rand(B, L, device=mask.device) if noise is None else noise  # (B, L)
+    noise = torch.rand(mask.shape, device=mask.device) if noise is None else noise  # (B, L)
     ids_restore = (mask.float() + noise).argsort(dim=1).argsort(dim=1)  # masked units sort last
     return ids_restore >= n_keep  # (B, L)
 
@@ -171,14 +170,12 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim, num_heads, posmlp_dim):
         super().__init__()
-        self.num_heads = num_heads
-        self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(posmlp_dim, num_heads, 1))
+        self.num_heads, self.posmlp = num_heads, nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(inplace=True),
+                                                               nn.Conv2d(posmlp_dim, num_heads, 1))
         self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
 
     def forward(self, x, pos, mask=None):  # x (B, nW, N, C); pos (B, nW, N, 2); mask (nW, N, N) additive or None
-        B, nW, N, C = x.shape
-        h = self.num_heads
+        (B, nW, N, C), h = x.shape, self.num_heads
         qkv = self.qkv(x).reshape(B, nW, N, 3, h, C // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, C/h)
         q, k, v = qkv.reshape(3, B, nW * h, N, C // h)  # windows x heads as SDPA's head axis
         d = pos.unsqueeze(2) - pos.unsqueeze(3)  # (B, nW, N, N, 2): [i, j] = pos_j - pos_i
@@ -220,8 +217,7 @@ class SwinBlock(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x, pos.shape[1], pos.shape[2])
             pos = pos[:, 0::2, 0::2] / 2  # coordinates in units of this stage's tokens
-        B, H, W, _ = pos.shape
-        C, s = x.shape[-1], self.shift
+        (B, H, W, _), C, s = pos.shape, x.shape[-1], self.shift
         y, p = self.norm1(x).view(B, H, W, C), pos
         if s:
             y, p = torch.roll(y, (-s, -s), (1, 2)), torch.roll(pos, (-s, -s), (1, 2))  # positions move with tokens
@@ -246,8 +242,7 @@ class SRAttention(nn.Module):
         self.sr, self.norm = nn.Conv2d(dim, dim, kernel_size=1), nn.LayerNorm(dim)
 
     def forward(self, x, H, W):  # (B, H*W, C)
-        B, N, C = x.shape
-        h = self.num_heads
+        (B, N, C), h = x.shape, self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, C/h)
         r = F.avg_pool2d(x.transpose(1, 2).reshape(B, C, H, W), self.sr_ratio)  # (B, C, H/sr, W/sr)
         r = self.norm(self.sr(r).flatten(2).transpose(1, 2))  # (B, N/sr^2, C)
@@ -279,10 +274,9 @@ class UMMAE(nn.Module):
         super().__init__()
         self.kind, self.vis_mask_ratio, self.norm_pix_loss = cfg['kind'], vis_mask_ratio, norm_pix_loss
         self.ref_decoder_order = ref_decoder_order
-        dims, p = cfg['dims'], cfg['patch']
+        dims, p, (H, W) = cfg['dims'], cfg['patch'], pair(img_size)
         self.K = 2 ** (len(dims) - 2)  # tokens per unit side (4): packed stride 2p 2^(S-1), then PixelShuffle(2)
         self.unit = p * self.K  # 16 px
-        H, W = pair(img_size)
         self.unit_grid = (H // self.unit, W // self.unit)
         self.patch_embed = PatchEmbed((H, W), p, in_chans, dims[0])
         gh, gw = self.patch_embed.grid_size
@@ -337,15 +331,13 @@ class UMMAE(nn.Module):
         if self.vis_mask_ratio > 0:  # SM units stay in the grid, as the shared token (Swin: through the embed LN)
             tok = self.patch_embed.norm(self.vis_mask_token) if self.kind == 'swin' else self.vis_mask_token
             x = x + tok * (us_vis & ~keep)
-        x = compact(x, K)  # (B, gh/2, gw/2, C): each 2x2 block of units -> its visible unit
+        x = compact(x, K).flatten(1, 2)  # (B, N/4, C): each 2x2 block of units -> its visible unit
         if self.kind == 'swin':
             pos = compact(self.pos_hw * us_vis, K)  # (B, gh/2, gw/2, 2): original (row, col), SM units included
-            x = x.flatten(1, 2)  # (B, N/4, C)
             for blk in self.blocks:
                 x, pos = blk(x, pos)
-        else:
-            x = x + compact(self.pos_embed.view(1, gh, gw, C) * us_vis, K)  # compacted sin-cos positions
-            x, H, W = x.flatten(1, 2), gh // 2, gw // 2
+        else:  # compacted sin-cos positions
+            x, H, W = x + compact(self.pos_embed.view(1, gh, gw, C) * us_vis, K).flatten(1, 2), gh // 2, gw // 2
             for blk in self.blocks:
                 x, H, W = blk(x, H, W)
         return self.norm(x)  # (B, L/16, C_last): the packed grid at stride 2 units
@@ -366,8 +358,7 @@ class UMMAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))  # (B, L, unit^2 C): nb visible first, then masked
 
     def forward(self, imgs, mask, noise=None):
-        """imgs (B, C, H, W) normalised; mask (B, L) bool uniform mask, True = masked; noise (B, L) for the
-        secondary mask (drawn here when None, as the reference does)."""
+        """imgs (B, C, H, W) normalised; mask (B, L) uniform, True = masked; noise (B, L), None: drawn here (ref)."""
         pred = self.forward_decoder(self.forward_encoder(imgs, mask, noise), mask)
         loss = um_mae_loss(imgs, pred[:, mask.shape[1] // 4:], mask, self.unit, self.norm_pix_loss)
         return loss, {'pred': pred, 'mask': mask}
@@ -375,8 +366,7 @@ class UMMAE(nn.Module):
 
 def features(model, imgs):
     """The final stage's tokens after the last norm, averaged over the four uniform masks that together show every
-    unit once, without secondary masking: the whole image through the packed encoder (the fine-tuning models pool
-    that stage over the full grid, ref models_swin.py / models_pvt.py)."""
+    unit once, no secondary masking (the fine-tuning models pool that stage, ref models_swin.py / models_pvt.py)."""
     B, (uh, uw), ratio, model.vis_mask_ratio, out = len(imgs), model.unit_grid, model.vis_mask_ratio, 0.0, 0.0
     for k in range(4):  # the k-th unit of every 2x2 block visible
         mask = torch.ones(B, uh // 2, 2, uw // 2, 2, dtype=torch.bool, device=imgs.device)
@@ -463,10 +453,8 @@ def main(args):
     if args.eval_only:
         return evaluate.only(UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio))
     d, out = setup_run(args)  # process group, seeds + rank, output folder
-
     accum = accumulation(args, d)  # per-GPU x GPUs x accum = the reference's global batch
     lr = args.blr * args.global_batch / 256
-
     dataset = image_dataset(args, scale=(0.2, 1.0), interpolation='bicubic')  # ref: RRC(0.2, 1, bicubic) + flip
     loader, sampler = make_loader(dataset, args.batch_size, args.num_workers, d, args.seed)
     iters_per_epoch = len(sampler) // args.batch_size // accum * accum
@@ -474,14 +462,12 @@ def main(args):
     if steps_per_epoch == 0:
         raise SystemExit(f'{len(dataset)} images do not fill one global batch of {args.global_batch}')
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-
     model = UMMAE(cfg, (H, W), args.in_chans, args.vis_mask_ratio, args.norm_pix_loss,
                   args.ref_decoder_order).to(d.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=args.betas,
                                   fused=True)  # ref add_weight_decay without a skip list: mask tokens are decayed
     autocast, scaler = amp_setup(args.amp, d.device)
-
     fresh = d.main and args.init and not args.resume and not (out / 'checkpoint.pth').exists()  # not resuming
     init = load_checkpoint(args.init) if fresh else None
     if isinstance(init, dict) and 'decoder_pred.weight' in init.get('model', init):  # a trained decoder: which order?
@@ -494,18 +480,14 @@ def main(args):
     if d.world > 1:  # constant buffers (window masks, coordinates): no per-step broadcast
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[d.local_rank] if d.device.type == 'cuda' else None,
                                                   broadcast_buffers=False)
-
     if d.main:
         print(json.dumps(dataclasses.asdict(args)))
-        print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {L} units of '
-              f'{unit} px, {L // 4} visible, {n_keep} of them seen; {len(dataset)} images, '
-              f'{steps_per_epoch} steps/epoch')
+        print(f'model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {L} units of {unit} '
+              f'px, {L // 4} visible, {n_keep} of them seen; {len(dataset)} images, {steps_per_epoch} steps/epoch')
         print(f'batch: {args.batch_size} per GPU x {d.world} GPUs x {accum} accum = {args.global_batch}; '
               f'lr = {args.blr:g} x {args.global_batch} / 256 = {lr:g}')
-
-    vis_imgs = torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device)
     mean, std = torch.tensor(args.mean, device=d.device), torch.tensor(args.std, device=d.device)
-    vis_imgs = normalize(vis_imgs, mean, std)  # a fixed batch for the pictures
+    vis_imgs = normalize(torch.stack([dataset[(0, i % len(dataset))][0] for i in range(8)]).to(d.device), mean, std)
     one_mask = uniform_mask(1, H // unit, W // unit, 'cpu', torch.Generator())  # its own RNG: the run's is kept
     flops = report_flops(d, count_flops(model, vis_imgs[:1], one_mask), args.global_batch)  # one image
 
@@ -541,16 +523,14 @@ def main(args):
             logger.add(loss, bad_files)  # the loss stays on the device until the next log step
             if not update:
                 continue
-            _, bad = optimizer_step(optimizer, scaler, params, args.clip_grad)
-            logger.stepped(bad)
+            logger.stepped(optimizer_step(optimizer, scaler, params, args.clip_grad)[1])  # [1]: skipped, on the device
             step += 1
             if step % args.log_every == 0 or step == total_steps:  # the only host syncs: ranks agree on stopping
                 stop = logger.log_step(epoch + (it + 1) / iters_per_epoch, step, total_steps,
                                        optimizer.param_groups[0]['lr'], args.global_batch, args.max_bad_steps)
             if stop or step >= total_steps:
                 break
-        epoch_complete = step == (epoch + 1) * steps_per_epoch
-        if epoch_complete and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        if step == (epoch + 1) * steps_per_epoch and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
             save(epoch + 1)
             saved = step
         if stop or step >= total_steps:
