@@ -41,15 +41,15 @@ from torch.utils.flop_counter import FlopCounterMode
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FONT = ImageFont.load_default()
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+LOCKS = {}  # lock file -> its open file, held while this process runs
+WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # the thread (one per process)
 
 # --------------------------------------------------------------------------- patches and positions
 
 
 def patchify(imgs, p, t=1):
-    """(B, C, H, W) -> (B, N, p*p*C), or (B, C, T, H, W) -> (B, N, t*p*p*C) with tubelets of t frames.
-
-    Patches in row-major order (time-major for video), pixels inside a patch row, column, then channel last,
-    as the MAE/VideoMAE references flatten them."""
+    """(B, C, H, W) -> (B, N, p*p*C), or (B, C, T, H, W) -> (B, N, t*p*p*C) with tubelets of t frames. Patches
+    row-major (time-major for video), pixels in a patch row, column, then channel last, as MAE/VideoMAE flatten them."""
     if imgs.dim() == 4:
         B, C, H, W = imgs.shape
         x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
@@ -71,17 +71,15 @@ def unpatchify(x, p, h, w, C=3, t=1, T=None):
 
 
 def sincos_1d(dim, pos):
-    """Fixed 1-D sin-cos code: (len(pos), dim), all sines then all cosines (MAE's get_1d_sincos_pos_embed_from_grid)."""
+    """Fixed 1-D sin-cos code (len(pos), dim): all sines, then all cosines (MAE's get_1d_sincos_pos_embed_from_grid)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))  # (dim/2,)
     out = pos.reshape(-1).double()[:, None] * omega[None]  # (M, dim/2)
     return torch.cat([out.sin(), out.cos()], dim=1).float()  # (M, dim)
 
 
 def sincos_2d(dim, gh, gw, cls_token=False):
-    """Fixed 2-D sin-cos table for a gh x gw grid in row-major token order: (gh*gw [+1], dim).
-
-    As in the MAE reference, the first dim/2 channels encode the column (x) index and the last dim/2 the row (y)
-    index; the optional cls row is all zeros. Built with explicit 'ij' indexing so non-square grids are right."""
+    """Fixed 2-D sin-cos table (gh*gw [+1], dim), row-major tokens. As in MAE, the first dim/2 channels encode the
+    column (x), the last dim/2 the row (y); the cls row is zeros. Explicit 'ij' indexing: non-square grids are right."""
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')  # (gh, gw) each
     emb = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)  # (gh*gw, dim)
     return torch.cat([torch.zeros(1, dim), emb]) if cls_token else emb
@@ -104,10 +102,8 @@ class PatchEmbed(nn.Module):
             raise ValueError(f'input size {H}x{W} is not divisible by the patch size {patch_size}')
         self.patch_size, self.grid_size = patch_size, (H // patch_size, W // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if tubelet:
-            self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet, patch_size, patch_size), (tubelet, patch_size, patch_size))
-        else:
-            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        k = (tubelet, patch_size, patch_size) if tubelet else patch_size  # kernel = stride
+        self.proj = (nn.Conv3d if tubelet else nn.Conv2d)(in_chans, embed_dim, k, k)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major (t, h, w) order
@@ -132,8 +128,7 @@ class Attention(nn.Module):
             b = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])  # (3D,)
         qkv = F.linear(x, self.qkv.weight, b).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D/heads)
-        if bias is not None:
-            bias = bias.to(q.dtype)
+        bias = None if bias is None else bias.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, D/heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
@@ -207,21 +202,26 @@ def parse_args(Args, argv=None, demo=None):
     values); the comment after a field is its help. `--demo` fills the fields of `demo` that were not given."""
     hints, src, module = typing.get_type_hints(Args), inspect.getsource(Args), sys.modules[Args.__module__]
     helps = dict(re.findall(r'^\s+(\w+):[^#\n]*#\s*(.*)$', src, re.M))
-    parser = argparse.ArgumentParser(description=(module.__doc__ or '').split('\n')[0], epilog=presets(module),
+    models = getattr(module, 'MODELS', {})  # --help ends with the presets, under the comment that names their fields
+    legend = re.search(r'((?:^#.*\n)*)^MODELS\b', inspect.getsource(module), re.M) if models else None
+    fields = ' '.join(line.lstrip('# ') for line in legend.group(1).splitlines()) if legend else ''
+    presets = 'presets for --model' + (f' ({fields})' if fields else '') + ':\n' + '\n'.join(
+        f'  {name}: ' + (' '.join(f'{k}={x}' for k, x in v.items()) if isinstance(v, dict) else str(v))
+        for name, v in models.items())
+    parser = argparse.ArgumentParser(description=(module.__doc__ or '').split('\n')[0], epilog=presets,
                                      argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
         t, default, h = hints[f.name], f.default, helps.get(f.name, '')
         h = f'{h} (default: {default})'.replace('%', '%%')  # argparse formats help with %
+        inner = ([a for a in typing.get_args(t) if a is not type(None)] or [t])[0]  # Optional[X] -> X
         if t is bool:
             parser.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
+        elif isinstance(default, tuple) or typing.get_origin(inner) is tuple:  # tuple[int, ...] or a tuple default
+            elem = type(default[0]) if isinstance(default, tuple) else typing.get_args(inner)[0]
+            parser.add_argument(f'--{f.name}', nargs='+', type=elem, help=h)
         else:
-            inner = ([a for a in typing.get_args(t) if a is not type(None)] or [t])[0]  # Optional[X] -> X
-            if isinstance(default, tuple) or typing.get_origin(inner) is tuple:  # tuple[int, ...] or a tuple default
-                elem = type(default[0]) if isinstance(default, tuple) else typing.get_args(inner)[0]
-                parser.add_argument(f'--{f.name}', nargs='+', type=elem, help=h)
-            else:
-                parser.add_argument(f'--{f.name}', type=inner, help=h)
+            parser.add_argument(f'--{f.name}', type=inner, help=h)
     given = vars(parser.parse_args(argv))
     if given.get('demo') and demo:  # under torchrun the demo's global batch is split over the processes
         world, total = int(os.environ.get('WORLD_SIZE', 1)), given.get('global_batch', demo.get('global_batch', 1))
@@ -231,16 +231,6 @@ def parse_args(Args, argv=None, demo=None):
     if hasattr(args, 'data') and not args.data and not getattr(args, 'eval_only', False):
         parser.error('no data: give --data PATH (an image folder, or "synthetic"), or --demo for a quick CPU run')
     return args
-
-
-def presets(module):
-    """--help's list of the file's model presets (its MODELS, under the comment that names their fields)."""
-    models = getattr(module, 'MODELS', {})
-    legend = re.search(r'((?:^#.*\n)*)^MODELS\b', inspect.getsource(module), re.M) if models else None
-    fields = ' '.join(line.lstrip('# ') for line in legend.group(1).splitlines()) if legend else ''
-    return 'presets for --model' + (f' ({fields})' if fields else '') + ':\n' + '\n'.join(
-        f'  {name}: ' + (' '.join(f'{k}={x}' for k, x in v.items()) if isinstance(v, dict) else str(v))
-        for name, v in models.items())
 
 
 # Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
@@ -258,9 +248,9 @@ def check_args(args, models, positive=(), non_negative=()):
     if args.model not in models:
         raise SystemExit(f'--model {args.model} is not one of {", ".join(models)}')
     for name, value in vars(args).items():  # inf or nan in any number: a run that trains NaN weights
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
-            raise SystemExit(f'--{name} {value if not isinstance(value, tuple) else " ".join(map(str, value))}: must be '
-                             f'a finite number')
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise SystemExit(f'--{name} {" ".join(map(str, values))}: must be a finite number')
     for flag in ('data', 'eval_data'):
         data = getattr(args, flag, None) or ''
         if data.startswith('synthetic') and not re.fullmatch(r'synthetic(:[1-9]\d*)?', data):
@@ -300,17 +290,18 @@ def check_mask_ratio(ratio, n_hidden, n, unit, all_ok=False):
 
 def dist_env():
     """(world, rank, local rank) from torchrun's variables, checked: a stale or partial set stops with one line."""
+    names = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')
     try:
-        world, rank, local = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
+        world, rank, local = (int(os.environ.get(k, d)) for k, d in zip(names, (1, 0, 0)))
     except ValueError as e:
         raise SystemExit(f'WORLD_SIZE/RANK/LOCAL_RANK must be numbers ({e}): start with torchrun, or unset them')
-    vars_ = ' '.join(f'{k}={os.environ[k]}' for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK') if k in os.environ)
+    vars_ = ' '.join(f'{k}={os.environ[k]}' for k in names if k in os.environ)
     if not (0 <= rank < world and 0 <= local):
-        raise SystemExit(f'{vars_}: no such process in a job of {world}; start with torchrun, or unset these variables '
-                         f'to run as one process')
+        raise SystemExit(f'{vars_}: no such process in a job of {world}; start with torchrun, or unset these '
+                         f'variables to run as one process')
     if world > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
-        raise SystemExit(f'{vars_} are set but MASTER_ADDR/MASTER_PORT are not: start with torchrun (it sets them all), '
-                         f'or unset these variables to run as one process')
+        raise SystemExit(f'{vars_} are set but MASTER_ADDR/MASTER_PORT are not: start with torchrun (it sets them '
+                         f'all), or unset these variables to run as one process')
     return world, rank, local
 
 
@@ -329,8 +320,8 @@ def init_distributed(timeout_min=10):
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=timeout_min),
                                     device_id=device if device.type == 'cuda' else None)
         except (RuntimeError, ValueError) as e:
-            raise SystemExit(f'process {rank} of {world}: the others did not meet at {where} within {timeout_min:g} min '
-                             f'(--dist_timeout): {str(e).splitlines()[0]}') from None
+            raise SystemExit(f'process {rank} of {world}: the others did not meet at {where} within {timeout_min:g} '
+                             f'min (--dist_timeout): {str(e).splitlines()[0]}') from None
     return SimpleNamespace(rank=rank, local_rank=local, world=world, device=device, main=rank == 0)
 
 
@@ -383,8 +374,7 @@ def lock_output(out):
             old = f.read().strip()
             if old and old != me:
                 print(f'note: taking over {path} from process {old} (pid host), which ended without releasing it')
-            f.seek(0)
-            f.truncate()
+            f.truncate(0)  # append mode: the write lands at 0
             f.write(me)
             f.flush()
             LOCKS[path] = f
@@ -396,9 +386,6 @@ def release_output(out):
     if path in LOCKS:
         path.unlink(missing_ok=True)
         LOCKS.pop(path).close()
-
-
-LOCKS = {}  # lock file -> its open file, held while this process runs
 
 
 def amp_setup(amp, device):
@@ -433,9 +420,6 @@ class Preemption:
                 raise KeyboardInterrupt
             print('interrupted: saving at the next log step (Ctrl-C again stops without saving)', file=sys.stderr)
         self.flag = True
-
-
-WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
 def watchdog(fd, parent):
@@ -530,9 +514,8 @@ class ImageFiles(torch.utils.data.Dataset):
         img = to_mode(img, self.in_chans)
         fx, fy = img.size[0] / W0, img.size[1] / H0
         img = img.resize((out_w, out_h), self.resample, box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(out_h, out_w, self.in_chans))
-        x = x.permute(2, 0, 1)  # (C, H, W)
-        return x.flip(-1) if self.flip and rng.random() < 0.5 else x
+        x = torch.from_numpy(np.array(img, dtype=np.uint8).reshape(out_h, out_w, self.in_chans)).permute(2, 0, 1)
+        return x.flip(-1) if self.flip and rng.random() < 0.5 else x  # (C, H, W)
 
     def __getitem__(self, key):
         return read_or_next(self, key, 'image')
@@ -568,7 +551,8 @@ def scan(root, extensions):
         for e in entries:
             if e.name.lower().endswith(extensions) and not e.is_dir():
                 try:
-                    ok, key = e.is_file(), (e.stat().st_dev, e.stat().st_ino) if e.is_symlink() else (st.st_dev, e.inode())
+                    ok = e.is_file()
+                    key = (e.stat().st_dev, e.stat().st_ino) if e.is_symlink() else (st.st_dev, e.inode())
                 except OSError:  # a broken link
                     ok = False
                 if not ok:
@@ -668,8 +652,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        per_rank = self.n // self.world
-        mine = order[:per_rank * self.world][self.rank::self.world][self.skip:]
+        mine = order[:self.n // self.world * self.world][self.rank::self.world][self.skip:]  # drop_last
         return iter([(self.epoch, int(i)) for i in mine])
 
     def __len__(self):
@@ -757,28 +740,6 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def rng_state(d):
-    """Every rank's RNG states, gathered to all ranks (each rank draws its own masks)."""
-    mine = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'cuda': torch.cuda.get_rng_state() if d.device.type == 'cuda' else None}
-    if d.world == 1:
-        return [mine]
-    out = [None] * d.world
-    dist.all_gather_object(out, mine)
-    return out
-
-
-def set_rng_state(states, d):
-    if len(states) != d.world:
-        print(f'note: checkpoint has RNG states of {len(states)} ranks, this run has {d.world}: RNG reseeded')
-        return
-    s = states[d.rank]
-    torch.set_rng_state(s['torch'])
-    random.setstate(s['python'])
-    if s['cuda'] is not None and d.device.type == 'cuda':
-        torch.cuda.set_rng_state(s['cuda'])
-
-
 def accumulation(args, d):
     """Gradient accumulation so that per-GPU batch x GPUs x accum = --global_batch (the paper's batch)."""
     accum = args.global_batch // (args.batch_size * d.world)
@@ -788,16 +749,10 @@ def accumulation(args, d):
     return accum
 
 
-def method_name(args):
-    """The method file that defined `args` (mae.py, ...): recorded in checkpoints so another file refuses them."""
-    return Path(inspect.getfile(type(args))).name
-
-
 def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
-    """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by
-    itself); otherwise start from --init weights if given. Returns the optimizer step to continue from. A file
-    that is not this method's and model's training state (or that `check(ckpt)` objects to, in words) stops the
-    run with one line, and is left as it is."""
+    """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by itself);
+    otherwise start from --init weights if given. Returns the optimizer step to continue from. A file that is not
+    this method's and model's training state (or that `check(ckpt)` objects to, in words) stops, left as it is."""
     last = Path(args.output_dir) / 'checkpoint.pth'
     path = args.resume or (last if last.exists() else None)
     if path is None:
@@ -809,7 +764,7 @@ def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
     if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'step'} <= set(ckpt):
         raise SystemExit(f'{flag} {path}: not a training checkpoint of these files (no model/optimizer/step); to '
                          f'start from its weights use --init {path}')
-    ours, theirs = method_name(args), ckpt.get('method')
+    ours, theirs = Path(inspect.getfile(type(args))).name, ckpt.get('method')  # the file of Args: mae.py, ...
     saved_model = (ckpt.get('args') or {}).get('model')
     if theirs and (theirs != ours or saved_model != args.model):
         raise SystemExit(f'{flag} {path}: written by {theirs} --model {saved_model}, this is {ours} --model '
@@ -826,25 +781,36 @@ def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
     model.load_state_dict(sd)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    set_rng_state(ckpt['rng'], d)
+    if len(ckpt['rng']) != d.world:
+        print(f'note: checkpoint has RNG states of {len(ckpt["rng"])} ranks, this run has {d.world}: RNG reseeded')
+    else:
+        rng = ckpt['rng'][d.rank]
+        torch.set_rng_state(rng['torch'])
+        random.setstate(rng['python'])
+        if rng['cuda'] is not None and d.device.type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'])
     if d.main:
         print(f'resumed from {path} at step {ckpt["step"]}')
     return ckpt['step']
 
 
 def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, extra=None):
-    """output_dir/checkpoint.pth (with the entries of `extra`), plus checkpoint-<epoch>.pth every --keep_every
-    epochs and at the last.
-    Collective (every rank's RNG state is gathered); only rank 0 writes, and it alone gets True back. Weights that
-    are not all finite are never saved: every rank stops, and the checkpoint on disk keeps the last good state."""
-    check_finite(unwrap(model).state_dict(), Path(args.output_dir) / 'checkpoint.pth')
-    states = rng_state(d)
+    """output_dir/checkpoint.pth (with the entries of `extra`), plus checkpoint-<epoch>.pth every --keep_every epochs
+    and at the last. Collective (every rank's RNG state is gathered: each draws its own masks); only rank 0 writes,
+    and it alone gets True back. Weights that are not all finite are never saved: every rank stops, and the
+    checkpoint on disk keeps the last good state. 'method' (the file, mae.py, ...) makes another file refuse it."""
+    out = Path(args.output_dir)
+    check_finite(unwrap(model).state_dict(), out / 'checkpoint.pth')
+    mine = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state() if d.device.type == 'cuda' else None}
+    states = [mine] * d.world
+    if d.world > 1:
+        dist.all_gather_object(states, mine)
     if not d.main:
         return False
-    out = Path(args.output_dir)
     ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states,
-            'method': method_name(args), **(extra or {})}
+            'method': Path(inspect.getfile(type(args))).name, **(extra or {})}
     save_checkpoint(out / 'checkpoint.pth', ckpt)
     if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
         save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
