@@ -183,8 +183,7 @@ class RelativePositionBias(nn.Module):
         coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')).flatten(1)  # (2, N)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
         inner = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)  # (N, N)
-        index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
-        index[1:, 1:] = inner
+        index = F.pad(inner, (1, 0, 1, 0))  # (N+1, N+1): row and column 0 for the cls token
         index[0, 0:], index[0:, 0], index[0, 0] = n_rel, n_rel + 1, n_rel + 2
         self.register_buffer('relative_position_index', index)
 
@@ -326,8 +325,8 @@ def init_distributed(timeout_min=10):
 
 
 def setup_run(args):
-    """The process group, per-rank seeds (data and masks differ across ranks), the output folder and TF32 matmuls
-    on CUDA. Returns (d, output_dir)."""
+    """The process group, seeds + rank (data and masks differ across ranks), the output folder, TF32 matmuls on CUDA.
+    Returns (d, output_dir)."""
     world, rank, _ = dist_env()
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -483,10 +482,9 @@ def random_resized_crop_params(W, H, scale, ratio, rng):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root` (its `train/` if present), found recursively, class subfolders optional.
-
-    Items are (uint8 (C, H, W) tensor, label, bad) as `read_or_next` makes them: RandomResizedCrop + optional flip,
-    an unreadable file replaced by the next one; normalisation happens on the device."""
+    """Images under `root` (its `train/` if present), found recursively, class subfolders optional. Items are (uint8
+    (C, H, W) tensor, label, bad) as `read_or_next` makes them: RandomResizedCrop + optional flip, an unreadable file
+    replaced by the next one; normalisation happens on the device."""
 
     def __init__(self, root, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic', flip=True,
                  in_chans=3, seed=0):
@@ -684,8 +682,7 @@ def make_loader(dataset, batch_size, num_workers, d, seed):
 def normalize(imgs, mean, std):
     """uint8 (B, C, ...) on the device -> float, ImageNet-style normalised (done here, not in the workers)."""
     shape = (1, -1) + (1,) * (imgs.dim() - 2)  # mean/std: sequences, or tensors already on the device (no copy)
-    mean = torch.as_tensor(mean, dtype=torch.float, device=imgs.device).view(shape)
-    std = torch.as_tensor(std, dtype=torch.float, device=imgs.device).view(shape)
+    mean, std = (torch.as_tensor(v, dtype=torch.float, device=imgs.device).view(shape) for v in (mean, std))
     return (imgs.float() / 255 - mean) / std
 
 
@@ -710,14 +707,12 @@ def param_groups(model, weight_decay, skip=()):
 
 
 def optimizer_step(optimizer, scaler, params, clip_grad=None):
-    """Unscale (fp16), measure the global grad norm, clip if asked, and step unless the norm is non-finite.
-    The skip happens on the device (a fused AdamW reads `found_inf`; other optimizers refuse it), so there is no
-    host sync. Returns
+    """Unscale (fp16), measure the global grad norm, clip if asked, and step unless the norm is non-finite. The skip
+    happens on the device (a fused AdamW reads `found_inf`; other optimizers refuse it): no host sync. Returns
     (grad_norm, skipped) as device tensors."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     skipped = ~torch.isfinite(norm)
     if clip_grad:
         torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
@@ -855,16 +850,19 @@ def save_checkpoint(path, obj):
 
 
 def load_weights(model, path, convert=lambda ckpt: None):
-    """--init: start from weights (our checkpoint, an encoder.pth, or a reference release). Keys as the reference names
-    them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, tensors whose
-    shape differs (e.g. pos tables of another size) are left out. SlowFast's .pyth files (MaskFeat) keep the weights
-    under 'model_state'; `convert(loaded)` may give the state dict of a release in another layout (I-JEPA's), or None."""
+    """--init: start from weights (our checkpoint, an encoder.pth, or a reference release). Keys as the reference
+    names them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, tensors
+    whose shape differs (e.g. pos tables of another size) are left out. SlowFast's .pyth files (MaskFeat) keep the
+    weights under 'model_state'; `convert(loaded)` may give the state dict of a release in another layout (I-JEPA's),
+    or None."""
     ckpt = load_checkpoint(path)
-    sd = convert(ckpt)
-    if sd is None:
+    if (sd := convert(ckpt)) is None:
         sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise SystemExit(f'--init {path}: holds {kind(sd)}, not a state dict of named tensors (nor one under "model")')
+        held = (f'a bare tensor of shape {tuple(sd.shape)}' if isinstance(sd, torch.Tensor) else
+                f'a dict with a {next(type(v).__name__ for v in sd.values() if not isinstance(v, torch.Tensor))} value'
+                if isinstance(sd, dict) else f'a {type(sd).__name__}')
+        raise SystemExit(f'--init {path}: holds {held}, not a state dict of named tensors (nor one under "model")')
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
     own = model.state_dict()
     sd = {f'encoder.{k}' if k not in own and f'encoder.{k}' in own else k: v for k, v in sd.items()}
@@ -898,34 +896,20 @@ def checkpoint_problem(path, error):
     with open(path, 'rb') as f:
         head = f.read(4)
     size = path.stat().st_size
+    detail = f'{type(error).__name__}: ' + re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:200]
     if size == 0:
         return 'is empty (0 bytes)'
     if head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
         return f'looks cut short ({size} bytes, the end of the archive is missing): an interrupted copy or save?'
-    found = re.search(r'GLOBAL ([\w.]+)', str(error))  # torch leaves out the module of builtins
-    if found:
+    if found := re.search(r'GLOBAL ([\w.]+)', str(error)):  # torch leaves out the module of builtins
         name = found.group(1) if '.' in found.group(1) else f'builtins.{found.group(1)}'
         return (f'holds Python objects ({name}), not only tensors; refused, since loading them could run code. '
                 f'Save its state_dict() instead')
     if head[:2] == b'\x80\x02':  # torch.save(_use_new_zipfile_serialization=False): a pickle of protocol 2
-        return f'is in torch\'s legacy (pre-1.6) format and cannot be read ({first_line(error)})'
+        return f'is in torch\'s legacy (pre-1.6) format and cannot be read ({detail})'
     if head != b'PK\x03\x04':
         return f'not a PyTorch checkpoint ({size} bytes beginning {head!r})'
-    return f'cannot be read ({first_line(error)})'
-
-
-def first_line(error):
-    return f'{type(error).__name__}: ' + re.sub(r'\x1b\[[0-9;]*m', '', str(error)).strip().split('\n')[0][:200]
-
-
-def kind(obj):
-    """What a loaded object that is not a state dict is, in words."""
-    if isinstance(obj, torch.Tensor):
-        return f'a bare tensor of shape {tuple(obj.shape)}'
-    if isinstance(obj, dict):
-        return f'a dict with a {next(type(v).__name__ for v in obj.values() if not isinstance(v, torch.Tensor))} value'
-    return f'a {type(obj).__name__}'
-
+    return f'cannot be read ({detail})'
 
 # --------------------------------------------------------------------------- logging and pictures
 
@@ -996,9 +980,8 @@ class Logger:
         if self.d.world > 1:
             dist.all_reduce(summed)
         if summed[1].item() > 0:  # some rank met unreadable files: the union, so each counts once
-            found = [self.new_bad]
+            found = [self.new_bad] * self.d.world
             if self.d.world > 1:
-                found = [None] * self.d.world
                 dist.all_gather_object(found, self.new_bad)
             self.bad_files.update(*found)
             self.new_bad = set()
@@ -1020,25 +1003,23 @@ class Logger:
                   + f"lr {lr:.3g} {rec['img_per_s']:.1f} {self.unit}/s "
                   + (f"{rec['tflops']:.3g} TFLOP/s/GPU " if 'tflops' in rec else '')
                   + (f"MFU {rec['mfu']:.1%} " if 'mfu' in rec else '') + f"data {rec['data_wait']:.0%} "
-                  f"mem {rec['mem_gb']:.1f}G "
-                  f"skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
-                  f"{int(eta % 60):02d}{self.note}", flush=True)
+                  f"mem {rec['mem_gb']:.1f}G skipped {rec['skipped']} bad {rec['bad_steps']} eta {int(eta // 3600)}:"
+                  f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}{self.note}", flush=True)
             with open(self.path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
         self.last, self.wait, self.last_step = now, 0.0, step
         self.loss_sum, self.micro, self.metrics = torch.zeros_like(self.loss_sum), 0, {}
         if self.bad_run.item() >= max_bad_steps:  # the checkpoint on disk predates the bad run: resume from it
             last = self.path.parent / 'checkpoint.pth'
-            raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). ' + (
-                f'Resume from {last} (the last good state)' if last.exists() else 'No checkpoint was saved before') +
-                '; if it recurs, lower the learning rate or try --amp bf16 or --amp none.')
+            again = f'Resume from {last} (the last good state)' if last.exists() else 'No checkpoint was saved before'
+            raise SystemExit(f'stopping: {max_bad_steps} steps in a row had a non-finite loss or gradient (skipped). '
+                             f'{again}; if it recurs, lower the learning rate or try --amp bf16 or --amp none.')
         return 'preempted' if summed[2].item() > 0 else None
 
 
 def save_grid(path, columns, note='', pad=2, min_width=128, captions=None):
-    """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an
-    optional note below and optional `captions` (one text per row) under each row. Small images are enlarged
-    (nearest) so the titles fit."""
+    """columns: list of (title, (B, C, H, W) float tensor in [0, 1]); one row per sample, titles on top, an optional
+    note below and optional `captions` (one text per row) under each row; small images enlarged so the titles fit."""
     titles, ims = zip(*columns)
     s = max(1, math.ceil(min_width / ims[0].shape[-1]))
     ims = [F.interpolate(im.detach().float().cpu(), scale_factor=s, mode='nearest') for im in ims]
@@ -1070,7 +1051,8 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
     d = ImageDraw.Draw(img)
     d.rectangle([m, m // 2, W - m // 2, H - m], outline='black')
     if len(pts) >= 2:
-        (x0, x1), (y0, y1) = (min(p[0] for p in pts), max(p[0] for p in pts)), (min(p[1] for p in pts), max(p[1] for p in pts))
+        xs, ys = zip(*pts)
+        (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
         sx, sy = (W - 1.5 * m) / max(x1 - x0, 1), (H - 1.5 * m) / max(y1 - y0, 1e-12)
         d.line([(m + (x - x0) * sx, H - m - (y - y0) * sy) for x, y in pts], fill='blue', width=2)
         d.text((m, H - m + 4), f'step {x0}', fill='black', font=FONT)
@@ -1079,9 +1061,6 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
         d.text((2, H - m - 10), f'{y0:.3g}', fill='black', font=FONT)
     d.text((W // 2 - 30, 4), f'training {key}', fill='black', font=FONT)
     img.save(path)
-
-
-
 
 
 # --------------------------------------------------------------------------- evaluation: online k-NN, linear probe
@@ -1127,8 +1106,8 @@ class Evaluation:
     def __call__(self, model, step, final=False):
         if not self.sets:
             return None
-        a, t0, dev, was, state = self.args, time.perf_counter(), next(model.parameters()).device, model.training, \
-            random.getstate()
+        a, t0, dev, was = self.args, time.perf_counter(), next(model.parameters()).device, model.training
+        state = random.getstate()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), amp_setup(a.amp, dev)[0]:
             model.eval()
