@@ -241,9 +241,8 @@ BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
 
 
 def check_args(args, models, positive=(), non_negative=()):
-    """Stop at start, with one line, on a value the run cannot use: unknown --model/--amp, zero or negative sizes and
-    counts (the shared ones above plus the method's own), --in_chans other than 1 or 3, --mean/--std of the wrong
-    length. Fields an Args does not have are not checked."""
+    """Stop at start, with one line, on a value the run cannot use: unknown --model/--amp, sizes and counts out of range
+    (the shared ones above, the method's own; absent fields skipped), --in_chans not 1 or 3, wrong --mean/--std."""
     if args.model not in models:
         raise SystemExit(f'--model {args.model} is not one of {", ".join(models)}')
     for name, value in vars(args).items():  # inf or nan in any number: a run that trains NaN weights
@@ -325,8 +324,7 @@ def init_distributed(timeout_min=10):
 
 
 def setup_run(args):
-    """The process group, seeds + rank (data and masks differ across ranks), the output folder, TF32 matmuls on CUDA.
-    Returns (d, output_dir)."""
+    """Process group, seeds + rank (data and masks differ across ranks), output folder, CUDA TF32 -> (d, output_dir)."""
     world, rank, _ = dist_env()
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -471,13 +469,8 @@ def random_resized_crop_params(W, H, scale, ratio, rng):
         w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
         if 0 < w <= W and 0 < h <= H:
             return rng.randint(0, H - h), rng.randint(0, W - w), h, w
-    in_ratio = W / H
-    if in_ratio < min(ratio):
-        w, h = W, int(round(W / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = H, int(round(H * max(ratio)))
-    else:
-        w, h = W, H
+    w = W if W / H <= max(ratio) else int(round(H * max(ratio)))  # the whole image, its ratio clamped to the range
+    h = H if W / H >= min(ratio) else int(round(W / min(ratio)))
     return (H - h) // 2, (W - w) // 2, h, w
 
 
@@ -529,9 +522,8 @@ def data_root(root):
 
 
 def scan(root, extensions):
-    """[(folder, [names of regular files with these extensions], has subfolders)] under root, following links but
-    each real folder and file once, so a link back up the tree cannot loop and a second link to the same files adds
-    nothing. What is left out (duplicates; FIFOs and other entries that are not regular files) is counted and said."""
+    """[(folder, [regular files with these extensions], has subfolders)] under root, following links but each real
+    folder and file once (a link up the tree cannot loop); what is left out (duplicates, FIFOs) is counted and said."""
     found, seen, stack, dup, odd = [], set(), [str(root)], 0, 0
     while stack:
         folder = stack.pop()
@@ -569,10 +561,9 @@ def scan(root, extensions):
 
 
 def read_or_next(dataset, key, what):
-    """An item (x, label, bad) of a file dataset (with `files`, `labels`, `seed`, `warned`, `load(i, rng)`). When the
-    keyed file cannot be read the next readable one stands in (warned once per file and process), and `bad` is the
-    keyed file's index (else -1), so the loop counts each unreadable file once however often it is met. The
-    randomness is a pure function of (seed, epoch, index), so a resumed run sees the same crops."""
+    """An item (x, label, bad) of a file dataset (with `files`, `labels`, `seed`, `warned`, `load(i, rng)`). For an
+    unreadable file the next readable one stands in (warned once), `bad` its index (else -1): the loop counts each
+    once. The randomness is a function of (seed, epoch, index), so a resumed run sees the same crops."""
     epoch, idx = key if isinstance(key, tuple) else (0, key)
     n, warned = len(dataset.files), dataset.warned
     for k in range(n):
@@ -622,12 +613,9 @@ class SyntheticImages(torch.utils.data.Dataset):
         areas = []
         for _ in range(rng.integers(1, 4)):
             kind, (cy, cx), r = rng.integers(3), rng.uniform(0.15, 0.85, 2), rng.uniform(0.08, 0.3)
-            if kind == 0:
-                inside = (y - cy) ** 2 + (x - cx) ** 2 < r ** 2  # disc
-            elif kind == 1:
-                inside = (abs(y - cy) < r) & (abs(x - cx) < r * 0.7)  # rectangle
-            else:
-                inside = (y - cy < r) & (y - cy > -r + 2 * abs(x - cx))  # triangle
+            inside = ((y - cy) ** 2 + (x - cx) ** 2 < r ** 2,  # disc
+                      (abs(y - cy) < r) & (abs(x - cx) < r * 0.7),  # rectangle
+                      (y - cy < r) & (y - cy > -r + 2 * abs(x - cx)))[kind]  # triangle
             img[inside] = rng.uniform(0, 1, 3)
             areas.append((inside.sum(), kind))
         img = (np.clip(img, 0, 1) * 255).astype(np.uint8)  # (H, W, 3)
@@ -792,8 +780,7 @@ def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
 def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, extra=None):
     """output_dir/checkpoint.pth (with the entries of `extra`), plus checkpoint-<epoch>.pth every --keep_every epochs
     and at the last. Collective (every rank's RNG state is gathered: each draws its own masks); only rank 0 writes,
-    and it alone gets True back. Weights that are not all finite are never saved: every rank stops, and the
-    checkpoint on disk keeps the last good state. 'method' (the file, mae.py, ...) makes another file refuse it."""
+    and it alone gets True back. Weights not all finite are never saved: every rank stops, the last good one stays."""
     out = Path(args.output_dir)
     check_finite(unwrap(model).state_dict(), out / 'checkpoint.pth')
     mine = {'torch': torch.get_rng_state(), 'python': random.getstate(),
@@ -805,7 +792,7 @@ def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch
         return False
     ckpt = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'epoch': step / steps_per_epoch, 'step': step, 'args': dataclasses.asdict(args), 'rng': states,
-            'method': Path(inspect.getfile(type(args))).name, **(extra or {})}
+            'method': Path(inspect.getfile(type(args))).name, **(extra or {})}  # another method file refuses it
     save_checkpoint(out / 'checkpoint.pth', ckpt)
     if epoch_done is not None and (epoch_done % args.keep_every == 0 or epoch_done == args.epochs):
         save_checkpoint(out / f'checkpoint-{epoch_done}.pth', ckpt)
@@ -850,11 +837,10 @@ def save_checkpoint(path, obj):
 
 
 def load_weights(model, path, convert=lambda ckpt: None):
-    """--init: start from weights (our checkpoint, an encoder.pth, or a reference release). Keys as the reference
-    names them; 'module.' prefixes are stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, tensors
-    whose shape differs (e.g. pos tables of another size) are left out. SlowFast's .pyth files (MaskFeat) keep the
-    weights under 'model_state'; `convert(loaded)` may give the state dict of a release in another layout (I-JEPA's),
-    or None."""
+    """--init: start from weights (our checkpoint, an encoder.pth, or a reference release), keys as the reference
+    names them: 'module.' stripped, an encoder.pth's keys get the model's 'encoder.' prefix back, tensors of another
+    shape (e.g. pos tables) left out. SlowFast's .pyth files (MaskFeat) keep them under 'model_state'; `convert(loaded)`
+    may give the state dict of a release in another layout (I-JEPA's), or None."""
     ckpt = load_checkpoint(path)
     if (sd := convert(ckpt)) is None:
         sd = ckpt.get('model', ckpt.get('model_state', ckpt.get('module', ckpt))) if isinstance(ckpt, dict) else ckpt
@@ -911,6 +897,7 @@ def checkpoint_problem(path, error):
         return f'not a PyTorch checkpoint ({size} bytes beginning {head!r})'
     return f'cannot be read ({detail})'
 
+
 # --------------------------------------------------------------------------- logging and pictures
 
 
@@ -944,10 +931,9 @@ def report_flops(d, flops, global_batch, unit='img', **frozen):
 
 
 class Logger:
-    """The training loop's bookkeeping between log steps, kept on the device (no per-step host sync): the loss sum,
-    a method's own metric sums (e.g. BEiT's masked-token accuracy), micro-steps, unreadable files and the run of
-    non-finite steps. `log_step` agrees across ranks on the averages and on preemption (one all-reduce), prints one
-    line (ending in `note`, e.g. MILAN's random-teacher warning) and appends the record to output_dir/log.jsonl."""
+    """The loop's bookkeeping between log steps, on the device (no per-step host sync): loss and metric sums (e.g.
+    BEiT's masked-token accuracy), micro-steps, unreadable files, the run of non-finite steps. `log_step` agrees across
+    ranks (one all-reduce), prints a line (ending in `note`: MILAN's warning) and appends to output_dir/log.jsonl."""
 
     def __init__(self, output_dir, d, step, unit='img', note='', flops=0.0):
         self.d, self.path, self.last_step, self.unit, self.note = d, Path(output_dir) / 'log.jsonl', step, unit, note
@@ -1067,10 +1053,9 @@ def save_loss_curve(path, log_path, key='loss', size=(640, 360)):
 
 
 class Evaluation:
-    """--eval_data: labelled items (`folder(root)`, `synthetic(n, seed)`; default images: the largest centred crop at
-    the training size, no flip) that each call embeds with the method's `features(model, x) -> (B, D)`, up to
-    --eval_max of train and of val, shared over the ranks (eval mode, no gradient, the run's autocast, the RNG left as
-    it was); rank 0 logs DINO's k-NN top-1 and, when `final`, a linear probe's."""
+    """--eval_data: labelled items (`folder(root)`, `synthetic(n, seed)`; default: the largest centred crop, no flip),
+    up to --eval_max of train and of val, embedded each call by `features(model, x) -> (B, D)` over the ranks (eval
+    mode, no grad, the run's autocast, RNG restored); rank 0 logs DINO's k-NN top-1 (+ linear probe if `final`)."""
 
     def __init__(self, args, features, folder=None, synthetic=None):
         self.args, self.features, self.sets, (H, W), data = args, features, [], pair(args.input_size), args.eval_data
