@@ -235,8 +235,7 @@ def parse_args(Args, argv=None, demo=None):
 # Shared flags and what they may be: a zero or negative size, count, rate or epoch is an error at start.
 POSITIVE = ('batch_size', 'global_batch', 'epochs', 'input_size', 'log_every', 'save_every', 'keep_every',
             'max_bad_steps', 'blr', 'lr', 'std', 'dist_timeout', 'eval_max', 'eval_k', 'eval_t')
-NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps',
-                'seed')
+NON_NEGATIVE = ('warmup_epochs', 'min_lr', 'warmup_lr', 'weight_decay', 'clip_grad', 'num_workers', 'max_steps', 'seed')
 BELOW_ONE = ('drop_path', 'betas')  # in [0, 1)
 
 
@@ -266,8 +265,7 @@ def check_args(args, models, positive=(), non_negative=()):
             values = value if isinstance(value, (tuple, list)) else (value,)
             if value is not None and not all(ok(v) for v in values):
                 raise SystemExit(f'--{name} {" ".join(map(str, values))}: must be {what}')
-    in_chans = getattr(args, 'in_chans', 3)
-    if in_chans not in (1, 3):
+    if (in_chans := getattr(args, 'in_chans', 3)) not in (1, 3):
         raise SystemExit(f'--in_chans {in_chans}: images are read as RGB (3) or grayscale (1)')
     if len(args.mean) != in_chans or len(args.std) != in_chans:
         raise SystemExit(f'--mean/--std need {in_chans} values for --in_chans {in_chans}')
@@ -734,8 +732,8 @@ def accumulation(args, d):
 
 def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
     """Continue from --resume, or from output_dir/checkpoint.pth when it exists (a restarted job resumes by itself);
-    otherwise start from --init weights if given. Returns the optimizer step to continue from. A file that is not
-    this method's and model's training state (or that `check(ckpt)` objects to, in words) stops, left as it is."""
+    otherwise start from --init weights if given; returns the step to continue from. A file that is not this method's
+    and model's training state (or that `check(ckpt)` objects to, in words) stops the run, and is left as it is."""
     last = Path(args.output_dir) / 'checkpoint.pth'
     path = args.resume or (last if last.exists() else None)
     if path is None:
