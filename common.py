@@ -42,7 +42,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FONT = ImageFont.load_default()
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 LOCKS = {}  # lock file -> its open file, held while this process runs
-WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # the thread (one per process)
+WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # watchdog's thread, what it counts
 
 # --------------------------------------------------------------------------- patches and positions
 
@@ -71,7 +71,7 @@ def unpatchify(x, p, h, w, C=3, t=1, T=None):
 
 
 def sincos_1d(dim, pos):
-    """Fixed 1-D sin-cos code (len(pos), dim): all sines, then all cosines (MAE's get_1d_sincos_pos_embed_from_grid)."""
+    """Fixed 1-D sin-cos code: (len(pos), dim), all sines then all cosines (MAE's get_1d_sincos_pos_embed_from_grid)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))  # (dim/2,)
     out = pos.reshape(-1).double()[:, None] * omega[None]  # (M, dim/2)
     return torch.cat([out.sin(), out.cos()], dim=1).float()  # (M, dim)
@@ -467,7 +467,7 @@ def random_resized_crop_params(W, H, scale, ratio, rng):
         w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
         if 0 < w <= W and 0 < h <= H:
             return rng.randint(0, H - h), rng.randint(0, W - w), h, w
-    w = W if W / H <= max(ratio) else int(round(H * max(ratio)))  # the whole image, its ratio clamped to the range
+    w = W if W / H <= max(ratio) else int(round(H * max(ratio)))  # the centre crop: the image, ratio clamped
     h = H if W / H >= min(ratio) else int(round(W / min(ratio)))
     return (H - h) // 2, (W - w) // 2, h, w
 
@@ -778,7 +778,7 @@ def resume(args, model, optimizer, scaler, d, check=lambda ckpt: None):
 def save_training_state(args, d, model, optimizer, scaler, step, steps_per_epoch, epoch_done, extra=None):
     """output_dir/checkpoint.pth (with the entries of `extra`), plus checkpoint-<epoch>.pth every --keep_every epochs
     and at the last. Collective (every rank's RNG state is gathered: each draws its own masks); only rank 0 writes,
-    and it alone gets True back. Weights not all finite are never saved: every rank stops, the last good one stays."""
+    and it alone gets True back. Weights not all finite are never saved: every rank stops, the file keeps the last."""
     out = Path(args.output_dir)
     check_finite(unwrap(model).state_dict(), out / 'checkpoint.pth')
     mine = {'torch': torch.get_rng_state(), 'python': random.getstate(),
@@ -930,8 +930,8 @@ def report_flops(d, flops, global_batch, unit='img', **frozen):
 
 class Logger:
     """The loop's bookkeeping between log steps, on the device (no per-step host sync): loss and metric sums (e.g.
-    BEiT's masked-token accuracy), micro-steps, unreadable files, the run of non-finite steps. `log_step` agrees across
-    ranks (one all-reduce), prints a line (ending in `note`: MILAN's warning) and appends to output_dir/log.jsonl."""
+    BEiT's masked-token accuracy), micro-steps, unreadable files, the run of non-finite steps. `log_step` agrees on
+    averages and preemption (one all-reduce), prints a line (ending in `note`), appends it to output_dir/log.jsonl."""
 
     def __init__(self, output_dir, d, step, unit='img', note='', flops=0.0):
         self.d, self.path, self.last_step, self.unit, self.note = d, Path(output_dir) / 'log.jsonl', step, unit, note
