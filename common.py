@@ -42,7 +42,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FONT = ImageFont.load_default()
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 LOCKS = {}  # lock file -> its open file, held while this process runs
-WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # watchdog's thread, what it counts
+WATCHDOG, STOP_SIGNALS = None, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}  # watchdog's thread; stop/save signals
 
 # --------------------------------------------------------------------------- patches and positions
 
@@ -399,7 +399,7 @@ class Preemption:
 
     def __init__(self):
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
         global WATCHDOG
         if WATCHDOG is None:  # once per process
@@ -436,7 +436,7 @@ def watchdog(fd, parent):
 
 def ignore_signals(worker_id=None):
     """DataLoader workers leave SIGTERM/SIGINT/SIGUSR1 to the main process, which saves and then shuts them down."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -658,11 +658,10 @@ def make_loader(dataset, batch_size, num_workers, d, seed):
     sampler = EpochSampler(len(dataset), d.rank, d.world, seed)
     if len(sampler) < batch_size:
         raise SystemExit(f'{len(dataset)} images over {d.world} process(es) do not fill one batch of {batch_size}')
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
         pin_memory=d.device.type == 'cuda', persistent_workers=num_workers > 0, worker_init_fn=ignore_signals,
-        generator=torch.Generator())  # its own generator: the loader never draws from the training RNG
-    return loader, sampler
+        generator=torch.Generator()), sampler  # its own generator: the loader never draws from the training RNG
 
 
 def normalize(imgs, mean, std):
