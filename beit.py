@@ -6,7 +6,7 @@ masked ones replaced by a learned mask token, and predicts the visual token (one
 each masked patch. `encoder.pkl` is OpenAI's DALL-E dVAE encoder (cdn.openai.com/dall-e/encoder.pkl, downloaded
 once), read by a restricted unpickler: no dall_e code is imported or run, only its tensors are taken.
 
-    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT: 67 s of CPU time
+    python beit.py --demo                         # own tiny tokenizer, then tiny BEiT: 78 s of CPU time
     torchrun --nproc_per_node=8 beit.py --data imagenet/ --tokenizer encoder.pkl   # BEiT-B/16, its README's IN-1k
     python beit.py --stage tokenizer --data DIR   # the file's own small dVAE -> output_beit/tokenizer/tokenizer.pth
 
@@ -54,7 +54,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, 
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images: 67 s of CPU time
+    demo: bool = False  # own tiny tokenizer, then tiny BEiT on synthetic images: 78 s of CPU time
     stage: str = 'pretrain'  # pretrain | tokenizer (train the own dVAE -> output_dir/tokenizer/tokenizer.pth)
     tokenizer: Optional[str] = None  # DALL-E encoder.pkl, our tokenizer.pth, or 'random' (benchmarks only)
     output_dir: str = 'output_beit'  # checkpoint.pth, log.jsonl (loss, mlm_acc), vis_<epoch>.png, encoder.pth

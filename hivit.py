@@ -7,7 +7,7 @@ inside their unit. So the masked units can be dropped right after the patch embe
 and a hierarchical encoder trains at ViT speed. The decoder reads the stem features and the main-stage output of
 every visible unit ("hifeat").
 
-    python hivit.py --demo                                         # micro HiViT, synthetic images: 73 s of CPU time
+    python hivit.py --demo                                         # micro HiViT, synthetic images: 97 s of CPU time
     torchrun --nproc_per_node=8 hivit.py --data imagenet/          # HiViT-B, 1600 epochs, the official recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 hivit.py --data imagenet/
 
@@ -53,7 +53,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # micro HiViT on synthetic images: 73 s of CPU time
+    demo: bool = False  # micro HiViT on synthetic images: 97 s of CPU time
     output_dir: str = 'output_hivit'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # micro | tiny | small | base (MODELS below; paper Tab. 1, ref supervised/configs)
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the unit; None: the preset's (ref 224, micro 64)

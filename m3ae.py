@@ -4,7 +4,7 @@ Reference (JAX/Flax): github.com/young-geng/m3ae_public (m3ae/model.py, m3ae/m3a
 One ViT encoder sees the visible 25% of the image patches and of the text positions together ([cls | image | text],
 a type embedding per modality); a shared decoder regresses the pixels of the hidden patches and predicts hidden words.
 
-    python m3ae.py --demo                                          # tiny, synthetic captioned images: 110 s of CPU time
+    python m3ae.py --demo                                          # tiny, synthetic captioned images: 135 s of CPU time
     torchrun --nproc_per_node=8 m3ae.py --data cc12m/ --vocab vocab.txt   # ViT-L/16, the reference README's recipe
     torchrun --nproc_per_node=8 m3ae.py --data pairs.tsv --vocab vocab.txt --text_data wiki.txt   # + unpaired text
 
@@ -58,7 +58,7 @@ from common import (Block, Evaluation, ImageFiles, Logger, accumulation, amp_set
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of images + .txt captions, a .tsv of path<TAB>caption, or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic captioned images: 110 s of CPU time
+    demo: bool = False  # tiny model on synthetic captioned images: 135 s of CPU time
     output_dir: str = 'output_m3ae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, vocab.txt, encoder.pth
     model: str = 'large'  # tiny | small | base | large | huge (MODELS); ref README --m3ae.model_type='large'
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 256, tiny 64)

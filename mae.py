@@ -4,7 +4,7 @@ Reference: github.com/facebookresearch/mae (models_mae.py, main_pretrain.py, eng
 A ViT encoder sees only the visible 25% of the patches; a light decoder gets the encoded tokens plus mask tokens
 and regresses the (per-patch normalised) pixels of the removed patches.
 
-    python mae.py --demo                                          # tiny model, synthetic images: 58 s of CPU time
+    python mae.py --demo                                          # tiny model, synthetic images: 77 s of CPU time
     torchrun --nproc_per_node=8 mae.py --data imagenet/           # ViT-B/16, the paper's recipe
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae.py --data imagenet/
 
@@ -46,7 +46,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Patc
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images: 58 s of CPU time
+    demo: bool = False  # tiny model on synthetic images: 77 s of CPU time
     output_dir: str = 'output_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper headline ViT-B/L/H)
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)

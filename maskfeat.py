@@ -6,7 +6,7 @@ configs/masked_ssl/in1k_VIT_{B,L}_MaskFeat_PT.yaml). A plain ViT sees every patc
 learned mask token, and regresses the Histograms of Oriented Gradients (HOG) of the masked patches: no tokenizer,
 no teacher, the target is a fixed function of the image computed on the device inside the step.
 
-    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images: 96 s of CPU time
+    python maskfeat.py --demo                                      # tiny ViT, 96-px synthetic images: 113 s of CPU time
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/       # ViT-B/16 at 224, 1600 epochs
     torchrun --nproc_per_node=8 maskfeat.py --data imagenet/ --model large
 
@@ -56,7 +56,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Patc
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny ViT on 96-px synthetic images: 96 s of CPU time
+    demo: bool = False  # tiny ViT on 96-px synthetic images: 113 s of CPU time
     output_dir: str = 'output_maskfeat'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large (MODELS below; ref in1k_VIT_{B,L}_MaskFeat_PT)
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)

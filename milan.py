@@ -5,7 +5,7 @@ An MAE ViT encoder sees a quarter of the patches; which ones is sampled from a f
 (semantic-aware sampling: the cls query's head-averaged attention of the last block). A "prompting" decoder updates
 only the mask tokens (the encoded visible tokens are fixed prompts) and regresses the CLIP features of all tokens.
 
-    python milan.py --demo                                    # tiny, RANDOM small teacher, synthetic: 71 s of CPU time
+    python milan.py --demo                                    # tiny, RANDOM small teacher, synthetic: 86 s of CPU time
     torchrun --nproc_per_node=8 milan.py --data imagenet/ --teacher ViT-B-16.pt   # ViT-B/16, the paper's recipe
 
 `--teacher`: OpenAI's CLIP `ViT-B-16.pt` (TorchScript, fp16) or a plain state dict with its `visual.*` keys (as
@@ -54,7 +54,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model and random teacher on synthetic images: 71 s of CPU time
+    demo: bool = False  # tiny model and random teacher on synthetic images: 86 s of CPU time
     output_dir: str = 'output_milan'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     teacher: Optional[str] = None  # CLIP ViT-B-16.pt (TorchScript) or a state dict of its keys; 'random': no language
     model: str = 'base'  # tiny | base | large (MODELS below; paper headline ViT-B/16)

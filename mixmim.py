@@ -6,7 +6,7 @@ image (i <-> B-1-i, one mask for the batch). A hierarchical Swin-like encoder (n
 [14, 14, 14, 7]) whose attention never crosses from one image to the other encodes the mixed input; the decoder
 "unmixes" it into two sequences and each image is reconstructed, every unit from the branch in which it was hidden.
 
-    python mixmim.py --demo                                       # tiny model, synthetic images: 29 s of CPU time
+    python mixmim.py --demo                                       # tiny model, synthetic images: 42 s of CPU time
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/        # Swin-B/W14, the official 600-epoch recipe
     torchrun --nproc_per_node=8 mixmim.py --data imagenet/ --epochs 300   # mmpretrain's shorter schedule
 
@@ -47,7 +47,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic images: 29 s of CPU time
+    demo: bool = False  # tiny model on synthetic images: 42 s of CPU time
     output_dir: str = 'output_mixmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | base | large | huge (MODELS below; paper Swin-B/W14, L/W14, H)
     input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 32 (the mask unit); None: the preset's (ref 224)

@@ -5,7 +5,7 @@ main_simmim.py, optimizer.py, lr_scheduler.py, configs/). The encoder sees every
 learned mask token right after the patch embedding. A one-layer head (1x1 conv + PixelShuffle) regresses the raw
 pixels, and an L1 loss counts only the masked area. Unlike MAE this works for hierarchical encoders such as Swin.
 
-    python simmim.py --demo                                        # tiny Swin, synthetic images: 65 s of CPU time
+    python simmim.py --demo                                        # tiny Swin, synthetic images: 82 s of CPU time
     torchrun --nproc_per_node=8 simmim.py --data imagenet/         # Swin-B/192, window 6, 100-epoch recipe
     torchrun --nproc_per_node=8 simmim.py --data imagenet/ --model vit_base   # ViT-B/16 at 224, 800 epochs
 
@@ -49,7 +49,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Attention, Block, Evaluation, L
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny Swin on synthetic images: 65 s of CPU time
+    demo: bool = False  # tiny Swin on synthetic images: 82 s of CPU time
     output_dir: str = 'output_simmim'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'swin_base'  # swin_base | swin_large | vit_base | tiny | vit_tiny (MODELS below)
     input_size: Optional[tuple[int, ...]] = None  # H [W]; None: the preset's (Swin 192, ViT 224; ref configs)

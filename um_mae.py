@@ -6,7 +6,7 @@ visible units pack into a dense quarter-size image that a windowed/pyramid encod
 hides a quarter of those behind a shared token so the task stays hard. A light decoder regresses the norm-pix of
 the 75% uniformly masked units.
 
-    python um_mae.py --demo                                        # tiny Swin, synthetic images: 31 s of CPU time
+    python um_mae.py --demo                                        # tiny Swin, synthetic images: 71 s of CPU time
     torchrun --nproc_per_node=8 um_mae.py --data imagenet/         # Swin-T at 256, the Makefile's 200-epoch recipe
     torchrun --nproc_per_node=8 um_mae.py --data imagenet/ --model pvt_small    # PVT-S, same recipe
 
@@ -47,7 +47,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, Logger, Mlp,
 @dataclass
 class Args:
     data: Optional[str] = None  # image folder (its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny Swin on synthetic images: 31 s of CPU time
+    demo: bool = False  # tiny Swin on synthetic images: 71 s of CPU time
     output_dir: str = 'output_um_mae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'swin_tiny'  # swin_tiny | swin_large | pvt_small | tiny | pvt_tiny (MODELS below)
     input_size: Optional[tuple[int, ...]] = None  # H [W], multiples of 2 units; None: the preset's (ref 256, tiny 64)

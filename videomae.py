@@ -7,7 +7,7 @@ dataset/pretrain_datasets.py. MAE for video: 2x16x16 tubelets, 90% of them hidde
 spatial mask in every temporal slice), an encoder on the visible 10% and a 4-block decoder that regresses the
 per-tubelet, per-channel normalised pixels of the hidden tubelets.
 
-    python videomae.py --demo                                         # tiny model, synthetic videos: 39 s of CPU time
+    python videomae.py --demo                                         # tiny model, synthetic videos: 68 s of CPU time
     torchrun --nproc_per_node=8 videomae.py --data k400_frames/          # ViT-B, 16x4 clips, the K400 recipe
     torchrun --nproc_per_node=8 videomae.py --data ssv2_frames/ --sampling_rate 2     # SSv2 (16x2 clips)
 
@@ -64,7 +64,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, Block, Evalua
 @dataclass
 class Args:
     data: Optional[str] = None  # folder of videos (frame folders, .gif; its train/ if present), or synthetic[:N]
-    demo: bool = False  # tiny model on synthetic videos: 39 s of CPU time
+    demo: bool = False  # tiny model on synthetic videos: 68 s of CPU time
     output_dir: str = 'output_videomae'  # checkpoint.pth, log.jsonl, vis_<epoch>.png, loss.png, encoder.pth
     model: str = 'base'  # tiny | small | base | large | huge (MODELS below); ref scripts: ViT-B
     input_size: Optional[tuple[int, ...]] = None  # H [W], divisible by the patch; None: the preset's (ref 224, tiny 64)
