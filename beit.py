@@ -37,16 +37,15 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Block, Evaluation, ImageFiles, Logger, PatchEmbed,
                     RelativePositionBias, SyntheticImages, accumulation, amp_setup, check_args, check_readable,
-                    count_flops, finish, load_checkpoint, make_loader, normalize, optimizer_step, pair, param_groups,
-                    parse_args, random_resized_crop_params, report_flops, resume, save_checkpoint, save_grid,
-                    save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
+                    close_group, count_flops, finish, load_checkpoint, make_loader, normalize, optimizer_step, pair,
+                    param_groups, parse_args, random_resized_crop_params, report_flops, resume, save_checkpoint,
+                    save_grid, save_loss_curve, save_training_state, setup_run, to_mode, unwrap)
 
 # --------------------------------------------------------------------------- config
 
@@ -416,8 +415,8 @@ def train_tokenizer(args, d, loader, sampler):
     if d.main:
         save_checkpoint(out / 'tokenizer.pth', {'model': vae.state_dict(), 'args': dataclasses.asdict(args)})
         save_loss_curve(out / 'loss.png', out / 'log.jsonl')
-    if d.world > 1 and args.stage == 'tokenizer':  # --stage tokenizer: the run ends here
-        dist.destroy_process_group()
+    if args.stage == 'tokenizer':  # --stage tokenizer: the run ends here
+        close_group()
     return vae.requires_grad_(False).eval()
 
 

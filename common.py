@@ -805,7 +805,14 @@ def finish(d, out, step, stop, encoder):
         save_checkpoint(out / 'encoder.pth', {'model': check_finite(encoder, out / 'encoder.pth')})
     if d.main:
         release_output(out)
-    if d.world > 1:
+    close_group()
+
+
+def close_group():
+    """Leave the process group. A barrier first: a gloo worker thread frees the last collective's tensors just after
+    its wait() returns, and one that does so once the interpreter is shutting down aborts the process (SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1125,8 +1132,7 @@ class Evaluation:
         d = init_distributed()
         load_weights(model, self.args.init, convert)
         rec = self(model.to(d.device), 0, final=True)
-        if d.world > 1:
-            dist.destroy_process_group()
+        close_group()
         return rec
 
 
