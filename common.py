@@ -809,11 +809,37 @@ def finish(d, out, step, stop, encoder):
 
 
 def close_group():
-    """Leave the process group. A barrier first: a gloo worker thread frees the last collective's tensors just after
-    its wait() returns, and one that does so once the interpreter is shutting down aborts the process (SIGABRT)."""
+    """Leave the process group. A gloo worker thread frees a finished collective's tensors just after wait() returns
+    in the main thread; freeing one that Python made takes the GIL, and a thread that asks for it once the interpreter
+    is shutting down exits inside a C++ destructor, which aborts the process (SIGABRT, "terminate called without an
+    active exception"). So: a barrier, then wait with the GIL released until gloo's workers are all asleep."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        settle_workers()
+
+
+def settle_workers(states=None, poll=0.005, quiet=3, limit=2.0):
+    """Sleep until every gloo worker thread ('pt_gloo_runloop' in /proc/self/task) has been asleep for `quiet`
+    polls in a row, at most `limit` seconds (without /proc, just the `quiet` polls)."""
+    states = states or gloo_worker_states
+    calm, end = 0, time.monotonic() + limit
+    while calm < quiet and time.monotonic() < end:
+        time.sleep(poll)
+        calm = calm + 1 if all(s == 'S' for s in states()) else 0
+    return calm >= quiet
+
+
+def gloo_worker_states():
+    """The scheduler state ('R' running or runnable, 'S' asleep, ...) of this process's gloo worker threads."""
+    states = []
+    for task in Path('/proc/self/task').glob('*') if Path('/proc/self/task').is_dir() else []:
+        try:
+            if (task / 'comm').read_text().strip() == 'pt_gloo_runloop':
+                states.append((task / 'stat').read_text().rsplit(')', 1)[1].split()[0])
+        except OSError:  # the thread ended meanwhile
+            pass
+    return states
 
 
 def check_finite(state_dict, path):
