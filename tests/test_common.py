@@ -1252,3 +1252,31 @@ def test_gloo_worker_states_reads_this_process_threads():
     finally:
         common.close_group()
     assert set(common.gloo_worker_states()) <= {'S'}
+
+
+def test_run_script_gives_what_python_file_gives(tmp_path):
+    """The CLI tests' run_script (a fork of a process that imported torch) answers as `python file.py args` would:
+    exit codes, SystemExit's message, a traceback, argv, the working directory, the environment, the timeout."""
+    import subprocess
+    from clitools import REPO, env, run_script
+    script = tmp_path / 'probe.py'
+    script.write_text('import os, sys, torch\n'
+                      'print(sys.argv[1:], os.getcwd(), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads(),\n'
+                      '      __name__, os.path.basename(__file__), sys.path[0] == os.path.dirname(__file__))\n'
+                      'what = sys.argv[1]\n'
+                      'if what == "msg": raise SystemExit("stopping: a reason")\n'
+                      'if what == "code": sys.exit(3)\n'
+                      'if what == "error": {}["missing"]\n'
+                      'if what == "sleep": import time; time.sleep(60)\n')
+    for what in ('ok', 'msg', 'code', 'error'):
+        a = run_script(script, what, 'x y')
+        b = subprocess.run([sys.executable, str(script), what, 'x y'], cwd=REPO, env=env(), capture_output=True,
+                           text=True)
+        assert (a.returncode, a.stdout) == (b.returncode, b.stdout), what
+        assert a.stderr.splitlines()[-1:] == b.stderr.splitlines()[-1:], (a.stderr, b.stderr)  # traceback ends alike
+    assert a.returncode == 1 and a.stderr.splitlines()[-1] == "KeyError: 'missing'"
+    assert run_script(script, 'msg').stderr == 'stopping: a reason\n' and run_script(script, 'code').returncode == 3
+    assert run_script(script, 'ok').stdout == f"['ok'] {REPO} 1 1 __main__ probe.py True\n"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_script(script, 'sleep', timeout=1)
+    assert run_script(script, 'ok').returncode == 0  # the zygote is still there after a timeout
