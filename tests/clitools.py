@@ -1,5 +1,5 @@
-"""Helpers shared by the command-line tests (test_*_cli.py): run a method file in a subprocess, read its outputs,
-compare saved states exactly."""
+"""Helpers shared by the command-line tests (test_*_cli.py): run a method file as `python file.py` would (run_script,
+in a fork of a process that imported torch once), read its outputs, compare saved states exactly."""
 import atexit
 import json
 import os
@@ -145,10 +145,11 @@ def _answer(timeout):
     return line.decode()
 
 
-def run_script(script, *args, timeout=120, tmp=None):
+def run_script(script, *args, timeout=120):
     """`python script args` in REPO with env() (see ZYGOTE above): a CompletedProcess with text stdout and stderr."""
-    global _zygote
+    global _zygote, _buffer
     if _zygote is None or _zygote.poll() is not None:
+        _buffer = b''
         _zygote = subprocess.Popen([sys.executable, '-c', ZYGOTE], cwd=REPO, env=env(), stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True, bufsize=0)
         atexit.register(_zygote.stdin.close)
@@ -164,5 +165,5 @@ def run_script(script, *args, timeout=120, tmp=None):
             os.kill(pid, signal.SIGKILL)
             _answer(None)
             raise subprocess.TimeoutExpired([script, *args], timeout, out.read_text(), err.read_text()) from None
-        return subprocess.CompletedProcess([sys.executable, script, *map(str, args)], rc, out.read_text(errors='replace'),
-                                           err.read_text(errors='replace'))
+        return subprocess.CompletedProcess([sys.executable, script, *map(str, args)], rc,
+                                           out.read_text(errors='replace'), err.read_text(errors='replace'))

@@ -1236,7 +1236,7 @@ def test_settle_workers_waits_for_quiet_polls_in_a_row():
     t = time.monotonic()
     assert not common.settle_workers(lambda: ['R'], poll=0.001, quiet=3, limit=0.05)  # gives up at the limit
     assert 0.05 <= time.monotonic() - t < 1
-    assert common.settle_workers(lambda: [], poll=0, quiet=2)  # no gloo threads (no /proc, or no group): nothing to wait
+    assert common.settle_workers(lambda: [], poll=0, quiet=2)  # no gloo threads (no /proc or no group): no wait
 
 
 def test_gloo_worker_states_reads_this_process_threads():
