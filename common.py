@@ -693,8 +693,8 @@ def param_groups(model, weight_decay, skip=()):
 
 def optimizer_step(optimizer, scaler, params, clip_grad=None):
     """Unscale (fp16), measure the global grad norm, clip if asked, and step unless the norm is non-finite. The skip
-    happens on the device (a fused AdamW reads `found_inf`; other optimizers refuse it): no host sync. Returns
-    (grad_norm, skipped) as device tensors."""
+    happens on the device (a fused AdamW reads `found_inf`; other optimizers refuse it): no host sync.
+    Returns (grad_norm, skipped) as device tensors."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -819,27 +819,26 @@ def close_group():
         settle_workers()
 
 
-def settle_workers(states=None, poll=0.005, quiet=3, limit=2.0):
-    """Sleep until every gloo worker thread ('pt_gloo_runloop' in /proc/self/task) has been asleep for `quiet`
-    polls in a row, at most `limit` seconds (without /proc, just the `quiet` polls)."""
-    states = states or gloo_worker_states
-    calm, end = 0, time.monotonic() + limit
-    while calm < quiet and time.monotonic() < end:
-        time.sleep(poll)
-        calm = calm + 1 if all(s == 'S' for s in states()) else 0
-    return calm >= quiet
-
-
 def gloo_worker_states():
-    """The scheduler state ('R' running or runnable, 'S' asleep, ...) of this process's gloo worker threads."""
+    """The scheduler state ('R' running or runnable, 'S' asleep, ...) of this process's gloo worker threads (none
+    without /proc)."""
     states = []
-    for task in Path('/proc/self/task').glob('*') if Path('/proc/self/task').is_dir() else []:
+    for task in Path('/proc/self/task').glob('*'):
         try:
             if (task / 'comm').read_text().strip() == 'pt_gloo_runloop':
                 states.append((task / 'stat').read_text().rsplit(')', 1)[1].split()[0])
         except OSError:  # the thread ended meanwhile
             pass
     return states
+
+
+def settle_workers(states=gloo_worker_states, poll=0.005, quiet=3, limit=2.0):
+    """Sleep until every gloo worker thread has been asleep for `quiet` polls in a row, at most `limit` seconds."""
+    calm, end = 0, time.monotonic() + limit
+    while calm < quiet and time.monotonic() < end:
+        time.sleep(poll)
+        calm = calm + 1 if all(s == 'S' for s in states()) else 0
+    return calm >= quiet
 
 
 def check_finite(state_dict, path):
